@@ -1,0 +1,29 @@
+"""fusewright: torch.compile / Inductor graph-rewrite passes for LLM and diffusion serving.
+
+    import fusewright
+    compiled = fusewright.compile(model)                       # or:
+    compiled = torch.compile(model, options=fusewright.inductor_options({"numerics": "fast"}))
+    with fusewright.enabled():                                 # or:
+        compiled = torch.compile(model)
+    fusewright.last_report()                                   # what the passes did
+"""
+
+__version__ = "0.1.0"
+
+from .passes.api import compile, enabled, inductor_options
+from .passes.config import ConfigError, PassConfig
+from .passes.manager import FusewrightPassManager, FusewrightWarning
+from .passes.report import last_report, reset_report
+
+__all__ = [
+    "ConfigError",
+    "FusewrightPassManager",
+    "FusewrightWarning",
+    "PassConfig",
+    "compile",
+    "enabled",
+    "inductor_options",
+    "last_report",
+    "reset_report",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from fusewright.tools.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Implementations layer: fused ops (Triton, CPU reference, fake) and aten sequences."""

@@ -1,0 +1,1 @@
+"""Rewriting layer: pass manager, config, Inductor registration, reports, safety."""

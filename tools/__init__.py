@@ -1,0 +1,1 @@
+"""Tooling: graph-diff, benchmarks, the CLI."""
