@@ -32,10 +32,10 @@ class PassContext:
     def at(self, node: fx.Node) -> Iterator[None]:
         """Mark `node` as the one being rewritten, so a failure can name its source line."""
         previous, self.current_node = self.current_node, node
-        try:
-            yield
-        finally:
-            self.current_node = previous
+        yield
+        # Not in a `finally`: on an exception the failing node stays current, so the
+        # manager's warning can name its source line.
+        self.current_node = previous
 
     def matched(self, n: int = 1) -> None:
         self.stats.matched += n

@@ -271,7 +271,8 @@ class PassConfig:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def pass_enabled(self, name: str) -> bool:
-        return bool(getattr(self, name, False))
+        """A built-in pass runs when its flag is true; a pass with no flag of its own always runs."""
+        return bool(getattr(self, name)) if name in self.keys() else True
 
 
 def split_cli_config(

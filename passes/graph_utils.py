@@ -21,9 +21,16 @@ def snapshot(graph: fx.Graph) -> fx.Graph:
 
 def restore(graph: fx.Graph, saved: fx.Graph) -> None:
     """Make `graph` (in place: Inductor holds a reference to it) equal to `saved` again."""
-    for node in reversed(list(graph.nodes)):
-        node.users.clear()  # break cycles so erase_node does not complain about users
+    nodes = list(graph.nodes)
+    # Drop every edge first: a failed pass may have left nodes out of order, and
+    # erase_node refuses a node that still has users.
+    for node in nodes:
+        node.args, node.kwargs = (), {}
+    for node in reversed(nodes):
         graph.erase_node(node)
+    # Erased nodes keep their names reserved; a fresh namespace lets the copies take
+    # the original names back (Inductor names buffers after nodes).
+    graph._graph_namespace = fx.graph._Namespace()
     _copy_into(graph, saved)
 
 

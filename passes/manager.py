@@ -104,6 +104,7 @@ class FusewrightPassManager(CustomGraphPass):
         if self.chained is not None:
             self.chained(graph)
         report = Report()
+        report.graphs = 1
         for graph_pass in self.passes:
             self._run_pass(graph_pass, graph, report.stats(graph_pass.name))
         record_graph(report)

@@ -98,7 +98,7 @@ def last_report() -> Report:
 def record_graph(graph_report: Report) -> None:
     """Fold one graph's report into the module report and log it."""
     with _lock:
-        _report.graphs += 1
+        _report.graphs += graph_report.graphs
         for name, stats in graph_report.items():
             _report.stats(name).merge(stats)
     log.info(graph_report.summary())

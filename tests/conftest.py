@@ -12,9 +12,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_compile_state():
+    """Every test really compiles: Dynamo reset, and no FX graph cache hits from earlier runs
+    (a hit skips the custom passes). Tests of the cache turn it on inside `fresh_cache()`."""
+    from torch._inductor import config as inductor_config
+
     torch._dynamo.reset()
-    yield
+    with inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False):
+        yield
     torch._dynamo.reset()
 
 
