@@ -55,8 +55,13 @@ def reference(
         new_residual = h.to(norm.input_dtype)
 
     # 2. the reduction; eps added as a Python float (eager rounds it through f32)
-    r = torch.rsqrt(torch.mean(h * h, dim=-1, keepdim=True) + norm.eps)
-    hr = h * r
+    v = torch.mean(h * h, dim=-1, keepdim=True) + norm.eps
+    if norm.inv == "rsqrt":
+        hr = h * torch.rsqrt(v)
+    elif norm.inv == "recip_sqrt":
+        hr = h * torch.sqrt(v).reciprocal()
+    else:
+        hr = h / torch.sqrt(v)
 
     # 3. weight
     if norm.weight == "none":

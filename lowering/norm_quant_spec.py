@@ -15,10 +15,13 @@ cast to dtype ``d``; every arithmetic op below is IEEE f32 unless said otherwise
    * ``"f32"``:         ``h = f32(x) + f32(residual)``;
      ``new_residual = rnd(h, input_dtype)``     (vLLM's native fused-add form; the
      norm reads the *unrounded* f32 sum)
-2. ``r = rsqrt(mean(h * h, -1) + f32(eps))`` (``eps`` is applied as an f32 value:
-   eager rounds a Python float through f32 when adding it to an f32 tensor).
-   ``rsqrt``, ``pow(-0.5)`` and ``1/sqrt`` are all accepted by the matcher and all
-   computed as ``rsqrt`` here (the reference uses ``torch.rsqrt``).
+2. ``v = mean(h * h, -1) + f32(eps)`` (``eps`` is applied as an f32 value: eager
+   rounds a Python float through f32 when adding it to an f32 tensor), then
+   ``hr = h * r`` where, by ``norm.inv``:
+   * ``"rsqrt"``:      ``hr = h * rsqrt(v)`` (``torch.rsqrt`` and ``pow(v, -0.5)``,
+     bitwise the same in eager; note eager CPU ``rsqrt`` is *not* ``1/sqrt``)
+   * ``"recip_sqrt"``: ``hr = h * (1 / sqrt(v))`` (reciprocal rounded to f32 first)
+   * ``"div_sqrt"``:   ``hr = h / sqrt(v)`` (ImageGPT)
 3. Normalised output ``y`` (``norm.weight``), ``w`` the weight tensor:
    * ``"none"``:        ``y = rnd(h * r, out_dtype)``
    * ``"after_cast"``:  ``n = rnd(h * r, cast_dtype)``; ``y = rnd(f32(n) * f32(w), out_dtype)``
@@ -30,7 +33,7 @@ cast to dtype ``d``; every arithmetic op below is IEEE f32 unless said otherwise
    * ``"one_plus"``:    ``y = rnd((h * r) * (1 + f32(w)), out_dtype)`` (Gemma; the
      ``1 +`` is done in f32. A model that adds 1 in bf16 is matched as
      ``"before_cast"`` with the computed ``1 + w`` as the weight tensor.)
-   The multiply order ``(h * r) * w`` is fixed (it is what every matched spelling does).
+   (``h * r`` above means ``hr``.) The multiply order ``(h * r) * w`` is fixed (it is what every matched spelling does).
 4. Quantization of ``v = f32(y)`` (``quant``):
    * amax ``a`` over the last dim (per token) or over each group of ``group_size``
      consecutive elements of the last dim (per group); amax is exact in any order, so
@@ -83,6 +86,7 @@ from typing import Any
 
 import torch
 
+INV_FORMS = ("rsqrt", "recip_sqrt", "div_sqrt")
 WEIGHT_STYLES = ("none", "after_cast", "before_cast", "one_plus")
 RESIDUAL_MODES = ("none", "input_dtype", "f32")
 QUANT_KINDS = ("fp8_static", "fp8_per_token", "fp8_per_group", "int8_per_token")
@@ -129,8 +133,10 @@ class NormSpec:
     out_dtype: torch.dtype = torch.bfloat16
     weight_dtype: torch.dtype | None = torch.bfloat16
     residual: str = "none"
+    inv: str = "rsqrt"
 
     def __post_init__(self) -> None:
+        _check(self.inv in INV_FORMS, f"inv form {self.inv!r} not in {INV_FORMS}")
         _check(isinstance(self.eps, float) and self.eps >= 0.0, f"eps must be a float >= 0, got {self.eps!r}")
         _check(self.weight in WEIGHT_STYLES, f"weight style {self.weight!r} not in {WEIGHT_STYLES}")
         _check(self.residual in RESIDUAL_MODES, f"residual mode {self.residual!r} not in {RESIDUAL_MODES}")
