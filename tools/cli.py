@@ -1,44 +1,31 @@
-"""The `fusewright` command line."""
+"""The `fusewright` command line: a small dispatcher.
+
+Each subcommand lives in its own module, listed in :data:`SUBCOMMANDS`. A subcommand
+module provides:
+
+* `HELP` - one line for `fusewright --help`;
+* `add_arguments(parser)` - adds its options to an `argparse` parser;
+* `main(args, config) -> int` - runs it; `config` is the `PassConfig` built from
+  `--compilation-config` / `-cc.KEY=VALUE`, which may appear anywhere on the line.
+
+Registering a subcommand is one line in `SUBCOMMANDS`. Benchmarks are not
+subcommands of their own: they register in `fusewright.tools.bench.BENCHMARKS`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 from ..passes.config import ConfigError, split_cli_config
 
-
-def _graph_diff(args: argparse.Namespace, config) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .example import example
-    from .graph_diff import live_diff
-
-    console = Console()
-    if args.target:
-        console.print("[red]error:[/] graph-diff targets are not supported yet; run it with no target "
-                      "to compile the built-in example")
-        return 2
-    model, inputs = example(args.device)
-    with console.status("compiling the built-in example with fusewright off, then on..."):
-        diff = live_diff(model, inputs, config)
-    table = Table(title="fusewright graph-diff: built-in example")
-    table.add_column("#")
-    table.add_column("before (stock Inductor)")
-    table.add_column("after (fusewright)")
-    for i in range(max(len(diff.before.kernels), len(diff.after.kernels))):
-        cell = lambda ks: f"{ks[i].name} [{ks[i].kind}]" if i < len(ks) else ""
-        table.add_row(str(i), cell(diff.before.kernels), cell(diff.after.kernels))
-    console.print(table)
-    console.print(f"kernels: {len(diff.before.kernels)} -> {len(diff.after.kernels)}")
-    console.print("rewrites: " + (", ".join(f"{k}={v}" for k, v in diff.rewrites.items()) or "none"))
-    console.print(f"outputs: max abs diff {diff.max_abs_diff:g}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(diff.to_dict(), f, indent=2)
-    return 0
+# name -> module. Modules are imported when the parser is built, so keep their top level
+# light (no torch.compile work, no heavy imports that can fail).
+SUBCOMMANDS: dict[str, str] = {
+    "graph-diff": "fusewright.tools.cli_graph_diff",
+    "bench": "fusewright.tools.bench",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="torch.compile graph-rewrite passes. Config flags anywhere: "
         "--compilation-config JSON, -cc.KEY=VALUE (nested keys with dots).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    gd = sub.add_parser("graph-diff", help="compile with fusewright off and on; compare kernels and outputs")
-    gd.add_argument("target", nargs="?", help="path/to/file.py:factory or package.module:factory")
-    gd.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    gd.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        cmd = sub.add_parser(name, help=getattr(module, "HELP", None), description=doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
     return parser
 
 
@@ -62,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fusewright: error: {exc}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(rest)
-    if args.command == "graph-diff":
-        return _graph_diff(args, config)
-    return 2
+    try:
+        args = build_parser().parse_args(rest)
+    except SystemExit as exc:  # argparse: --help exits 0, a usage error exits 2
+        return int(exc.code or 0)
+    return int(args._module.main(args, config) or 0)
