@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .passes.api import compile, enabled, inductor_options
 from .passes.config import ConfigError, PassConfig
+from .passes.integrations import vllm_pass, vllm_post_grad_pass
 from .passes.manager import FusewrightPassManager, FusewrightWarning
 from .passes.report import last_report, reset_report
 
@@ -25,5 +26,7 @@ __all__ = [
     "inductor_options",
     "last_report",
     "reset_report",
+    "vllm_pass",
+    "vllm_post_grad_pass",
     "__version__",
 ]
