@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -112,6 +113,7 @@ class FusewrightPassManager(CustomGraphPass):
     def _run_pass(self, graph_pass: GraphPass, graph: fx.Graph, stats: PassStats) -> None:
         local = PassStats()
         ctx = PassContext(self.config, local)
+        start = time.perf_counter()
         saved = snapshot(graph)
         self._dump(graph, graph_pass, "before")
         try:
@@ -129,13 +131,15 @@ class FusewrightPassManager(CustomGraphPass):
                 f"{type(exc).__name__}: {exc}" + (f" [at {where}]" if where else "")
             )
             stats.errors.append(message)
+            stats.seconds += time.perf_counter() - start
             if self.config.strict:
                 raise
             warnings.warn(message + " (set strict=true to raise instead)", FusewrightWarning, stacklevel=2)
             log.warning(message)
             return
-        stats.merge(local)
         self._dump(graph, graph_pass, "after")
+        local.seconds = time.perf_counter() - start
+        stats.merge(local)
 
     def _dump(self, graph: fx.Graph, graph_pass: GraphPass, when: str) -> None:
         if not self.config.dump_dir:

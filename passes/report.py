@@ -36,12 +36,14 @@ class PassStats:
     errors: list[str] = dataclasses.field(default_factory=list)
     # Free-form per-pass detail, e.g. {"lowering": {"triton": 2}} or variant counts.
     details: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0  # wall time spent in the pass (compile-time overhead)
 
     def merge(self, other: "PassStats") -> None:
         self.matched += other.matched
         self.rewritten += other.rewritten
         self.skipped.extend(other.skipped)
         self.errors.extend(other.errors)
+        self.seconds += other.seconds
         for key, value in other.details.items():
             self.details[key] = self.details.get(key, 0) + value
 
@@ -52,6 +54,7 @@ class PassStats:
             "skipped": [s.to_dict() for s in self.skipped],
             "errors": list(self.errors),
             "details": dict(self.details),
+            "seconds": self.seconds,
         }
 
 

@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "norm-quant": "fusewright.tools.bench_norm_quant",
     "rope": "fusewright.tools.bench_rope",
     "noop-casts": "fusewright.tools.bench_noop_casts",
+    "compile": "fusewright.tools.bench_compile",
 }
 
 
