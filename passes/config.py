@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 ENV_VAR = "FUSEWRIGHT_CONFIG"
@@ -27,6 +28,8 @@ LOWERING_CHOICES = ("auto", "triton", "aten")
 NUMERICS_CHOICES = ("exact", "fast")
 # Semantic ops whose implementation can be chosen per op (`-cc.lowering.rope=aten`).
 LOWERED_OPS = ("rms_norm_quant", "rope", "rms_norm", "fused_add_rms_norm")
+# Semantic ops an opaque custom op can be mapped to (`-cc.deopaque.mylib::rms_norm=rms_norm`).
+DEOPAQUE_OPS = ("rms_norm", "fused_add_rms_norm")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -61,15 +64,60 @@ def _parse_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     )
 
 
-def _parse_priority(key: str, value: Any) -> tuple[str, ...]:
+def _registered_impls(op: str) -> tuple[str, ...]:
+    """Implementations users registered for `op` (lowering/registry.py), besides auto/triton/aten."""
+    from ..lowering.registry import implementation_names
+
+    return tuple(n for n in implementation_names(op) if n not in LOWERING_CHOICES)
+
+
+def _parse_priority(key: str, value: Any, op: str | None = None) -> tuple[str, ...]:
     """`"triton,aten"` or `["triton", "aten"]` -> ("triton", "aten")."""
+    choices = LOWERING_CHOICES + (_registered_impls(op) if op else ())
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise ConfigError(
-            f"config key '{key}': got {value!r}; accepted: one of {', '.join(LOWERING_CHOICES)} "
+            f"config key '{key}': got {value!r}; accepted: one of {', '.join(choices)} "
             "or a comma-separated priority list such as 'triton,aten'"
         )
-    return tuple(_parse_choice(key, item, LOWERING_CHOICES) for item in items)
+    return tuple(_parse_choice(key, item, choices) for item in items)
+
+
+def _flatten_op_names(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`-cc.deopaque.mylib::rms_norm.default=rms_norm` arrives split at the dots: join them back."""
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(item, Mapping):
+            flat.update(_flatten_op_names(item, name))
+        else:
+            flat[name] = item
+    return flat
+
+
+_OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _parse_deopaque(value: Any, base: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """`{"mylib::rms_norm": "rms_norm"}` -> (("mylib::rms_norm", "rms_norm"),); null removes an entry."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"config key 'deopaque': got {value!r}; accepted: a mapping of custom op names to semantic "
+            f"ops, e.g. {{\"mylib::rms_norm\": \"rms_norm\"}} or -cc.deopaque.mylib::rms_norm=rms_norm"
+        )
+    merged = dict(base)
+    for name, semantic in _flatten_op_names(value).items():
+        key = f"deopaque.{name}"
+        if not _OP_NAME.match(name):
+            raise ConfigError(
+                f"config key '{key}': {name!r} is not a custom op name; accepted: 'namespace::op' or "
+                "'namespace::op.overload', e.g. '_C::rms_norm'"
+            )
+        if semantic is None or (isinstance(semantic, str) and semantic.strip().lower() in ("", "none", "null")):
+            merged.pop(name, None)
+            continue
+        merged[name] = _parse_choice(key, semantic, DEOPAQUE_OPS)
+    return tuple(sorted(merged.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +154,7 @@ class LoweringConfig:
             if op == "default":
                 default = _parse_choice("lowering.default", prio, LOWERING_CHOICES)
             elif op in LOWERED_OPS:
-                per_op[op] = _parse_priority(f"lowering.{op}", prio)
+                per_op[op] = _parse_priority(f"lowering.{op}", prio, op)
             else:
                 accepted = ("default",) + LOWERED_OPS
                 raise ConfigError(
@@ -132,6 +180,9 @@ class PassConfig:
             inputs and compare; a mismatch undoes the pass (raises when strict).
         strict: re-raise pass failures instead of warning and leaving the graph as is.
         dump_dir: if set, write each graph before and after every pass there.
+        deopaque: custom op name -> semantic op (`{"_C::rms_norm": "rms_norm"}`): those
+            opaque ops are replaced by a decomposable implementation (docs/lowering.md).
+            The de-opaquing pass runs only when this mapping is not empty.
     """
 
     fuse_norm_quant: bool = True
@@ -142,6 +193,7 @@ class PassConfig:
     verify: bool = False
     strict: bool = False
     dump_dir: str | None = None
+    deopaque: tuple[tuple[str, str], ...] = ()
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -179,6 +231,9 @@ class PassConfig:
                 merged.update(value)
                 value = merged
             return LoweringConfig.from_value(value)
+        if key == "deopaque":
+            # Like `lowering`, nested keys update the mapping rather than resetting it.
+            return _parse_deopaque(value, base.deopaque)
         if key == "dump_dir":
             if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
                 return None
@@ -261,6 +316,7 @@ class PassConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["lowering"] = self.lowering.to_dict()
+        out["deopaque"] = dict(self.deopaque)
         return out
 
     def to_json(self) -> str:
