@@ -100,7 +100,8 @@ def reference(
         if quant.scale_form == "amax_div":
             sc = a / quant.scale_const
         else:
-            sc = quant.scale_const / a
+            # what eager's `C / tensor` computes: reciprocal, then multiply
+            sc = a.reciprocal() * quant.scale_const
         if quant.floor is not None and quant.floor_on == "scale":
             sc = sc.clamp(min=quant.floor)
         if quant.ue8m0:

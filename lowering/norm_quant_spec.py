@@ -42,8 +42,10 @@ cast to dtype ``d``; every arithmetic op below is IEEE f32 unless said otherwise
    * ``a = rnd(a, scale_math_dtype)``; ``a = min(a, amax_ub)`` if set;
      ``a = max(a, floor)`` if ``floor_on == "amax"``
    * ``scale_form == "amax_div"``: ``s = a / scale_const`` (a divisor, vLLM/torchao
-     inference); ``"const_div"``: ``s = scale_const / a`` (a multiplier, torchao
-     training / BitNet int8). Computed in ``scale_math_dtype``.
+     inference); ``"const_div"``: ``s = (1 / a) * scale_const`` (a multiplier,
+     torchao training / BitNet int8), rounded twice: eager evaluates ``C / tensor``
+     as ``tensor.reciprocal() * C``, and so does the reference. Computed in
+     ``scale_math_dtype``.
    * ``s = max(s, floor)`` if ``floor_on == "scale"``; ``ue8m0``: ``s = exp2(ceil(log2(s)))``
    * ``s = rnd(s, scale_dtype)`` (the returned scale, float32)
    * ``kind == "fp8_static"``: ``s`` is the given scale tensor (one element, f32).
