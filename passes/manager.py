@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPassBase
 
 from .base import GraphPass, PassContext, Stage
+from ..lowering.registry import uuid as lowering_uuid
 from .config import PassConfig
 from .graph_utils import restore, snapshot, source_line
 from .registry import builtin_passes
@@ -98,6 +99,8 @@ class FusewrightPassManager(CustomGraphPass):
             hasher.update(f"{name}:{_file_digest(path)}\n".encode())
         hasher.update(f"version:{_package_version()}\nstage:{self.stage}\n".encode())
         hasher.update(f"config:{self.config.hash()}\nchained:{chained_uuid!r}\n".encode())
+        # What each semantic op may be lowered to (lowering/registry.py, user implementations included).
+        hasher.update(f"lowering:{lowering_uuid()}\n".encode())
         return hasher.hexdigest()
 
     # ------------------------------------------------------------ running
