@@ -81,3 +81,33 @@ def fake_outputs(spec: NormQuantSpec, x: torch.Tensor) -> list[torch.Tensor]:
 def call(spec: NormQuantSpec, x, weight=None, residual=None, scale=None) -> list[torch.Tensor]:
     """Convenience: run the op with a spec object."""
     return torch.ops.fusewright.rms_norm_quant(x, weight, residual, scale, spec.to_str())
+
+
+def choose_lowering(spec: NormQuantSpec, device: torch.device, priority: tuple[str, ...]) -> str:
+    """Which implementation the pass splices in: "op" (the fused op) or "aten".
+
+    `priority` is the config's list for `rms_norm_quant` (e.g. ("auto",), ("triton", "aten")).
+    `triton` means the fused op (on CPU it runs the reference). `auto` is the hook for
+    measurement-based choice: if `norm_quant_triton` defines `auto_choice(spec, device)`
+    returning "triton" / "aten" (from benchmarks), that decides; otherwise CUDA with a
+    Triton launcher uses the fused op and everything else the aten sequence, which
+    Inductor fuses on its own.
+    """
+    for choice in priority:
+        if choice == "aten":
+            return "aten"
+        if choice == "triton":
+            return "op"
+        if choice == "auto":
+            if device.type != "cuda":
+                return "aten"
+            try:
+                from . import norm_quant_triton
+            except Exception:  # noqa: BLE001 - no Triton: the aten sequence
+                return "aten"
+            hook = getattr(norm_quant_triton, "auto_choice", None)
+            picked = hook(spec, device) if hook is not None else None
+            if picked in ("triton", "aten"):
+                return "op" if picked == "triton" else "aten"
+            return "op" if _triton_launch() is not None else "aten"
+    return "aten"

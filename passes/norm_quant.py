@@ -1,0 +1,160 @@
+"""Fuse RMSNorm -> quantization (FP8 static / per-token / per-group, INT8 per-token).
+
+Before (Llama norm, vLLM per-token FP8 tail; post-grad aten)::
+
+    h = convert(x, f32); var = mean(pow(h, 2), [-1], True); r = rsqrt(var + 1e-06)
+    y = mul(w, convert(mul(h, r), bf16))
+    amax = amax(abs(y), [-1], True); s = clamp_min(div(convert(amax, f32), 448.0), 4.36e-06)
+    q = convert(clamp_max(clamp_min(mul(convert(y, f32), reciprocal(s)), -448.0), 448.0), fp8)
+    return (q, s)
+
+After, lowering `triton` (the fused op; on CUDA its Triton kernel)::
+
+    nq = fusewright.rms_norm_quant(x, w, None, None, '<NormQuantSpec string>')
+    return (nq[0], nq[1])
+
+After, lowering `aten` (or `auto` off CUDA): the canonical aten sequence of the spec
+(`lowering/norm_quant_aten.py`), which Inductor fuses into one or two kernels.
+
+The matcher (patterns/norm_quant.py) accepts the norm spellings and quant tails listed
+in docs/numerics.md. Declined matches (an intermediate read elsewhere, groups that
+straddle rows, quantization math in bf16, ...) leave the graph unchanged and are
+reported as skips with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..lowering import norm_quant_aten, norm_quant_ops, norm_quant_spec
+from ..patterns import norm_quant as nq_patterns
+from ..patterns import quant as quant_patterns
+from ..patterns import rms_norm as rms_patterns
+from .base import GraphPass, PassContext
+from .graph_utils import insert_call, tensor_meta
+
+aten = torch.ops.aten
+
+
+class _FxOps:
+    """`norm_quant_aten.Ops` that creates graph nodes (with fake metadata)."""
+
+    def __init__(self, graph: fx.Graph, like: fx.Node) -> None:
+        self.graph, self.like = graph, like
+
+    def call(self, target, *args, **kwargs):
+        return insert_call(self.graph, target, args, kwargs, like=self.like)
+
+    def sizes(self, t):
+        out = []
+        for d, size in enumerate(tensor_meta(t).shape):
+            out.append(size if isinstance(size, int) else self.call(aten.sym_size.int, t, d))
+        return out
+
+    def dtype(self, t):
+        return tensor_meta(t).dtype
+
+
+class NormQuantPass(GraphPass):
+    name = "fuse_norm_quant"
+    order = 20
+    extra_source_modules = (
+        rms_patterns,
+        quant_patterns,
+        nq_patterns,
+        norm_quant_spec,
+        norm_quant_aten,
+        norm_quant_ops,
+    )
+
+    def run(self, graph: fx.Graph, ctx: PassContext) -> None:
+        changed = False
+        for mean in nq_patterns.find_anchors(graph):
+            if getattr(mean, "_erased", False):
+                continue
+            with ctx.at(mean):
+                match = nq_patterns.match_norm_quant(mean, ctx.config.numerics)
+                if match is None:
+                    continue
+                ctx.matched()
+                if isinstance(match, nq_patterns.Decline):
+                    ctx.skipped(match.reason, match.node)
+                    continue
+                for other in match.other_declines:
+                    ctx.skipped(f"second quantization of the same norm left in place: {other.reason}", other.node)
+                device = tensor_meta(match.norm.x).device
+                lowering = norm_quant_ops.choose_lowering(
+                    match.spec, device, ctx.config.lowering.priority("rms_norm_quant")
+                )
+                self._rewrite(graph, match, lowering)
+                changed = True
+                ctx.rewritten(detail=f"{match.spec.describe()} ({lowering})")
+        if changed:
+            from torch._inductor.pattern_matcher import stable_topological_sort
+
+            # New nodes sit before the first node of each match; an input defined later
+            # (a weight computed late) is put back in order here.
+            stable_topological_sort(graph)
+
+    def _rewrite(self, graph: fx.Graph, m: nq_patterns.NormQuantMatch, lowering: str) -> None:
+        spec = m.spec
+        norm = m.norm
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min((n for n in norm.nodes if n in order), key=order.__getitem__)
+        inputs = (norm.x, norm.weight, norm.residual, m.static_scale)
+        with graph.inserting_before(first):
+            if lowering == "op":
+                call = insert_call(
+                    graph,
+                    torch.ops.fusewright.rms_norm_quant.default,
+                    (*inputs, spec.to_str()),
+                    like=norm.mean,
+                )
+                outs = [insert_call(graph, operator.getitem, (call, i), like=norm.mean) for i in range(len(spec.output_names()))]
+            else:
+                outs = list(norm_quant_aten.emit(spec, *inputs, _FxOps(graph, norm.mean)))
+            named = dict(zip(spec.output_names(), outs))
+            ops = _FxOps(graph, norm.mean)
+            for t in m.tails:
+                q_new = named["q"]
+                if t.q_view_args is not None:
+                    q_new = ops.call(aten.reshape.default, q_new, list(t.q_view_args))
+                t.q.replace_all_uses_with(q_new)
+                if t.scale is not None:
+                    s_new = named["scale"]
+                    if t.q_view_args is not None:
+                        shape = list(t.q_view_args[:-1]) + ([1] if t.amax_keepdim else [])
+                        s_new = ops.call(aten.reshape.default, s_new, shape)
+                    elif not t.amax_keepdim:
+                        s_new = ops.call(aten.squeeze.dim, s_new, -1)
+                    for op in t.scale_shape_ops:
+                        s_new = ops.call(op.target, s_new, *op.args[1:], **op.kwargs)
+                    if t.col_major_out is not None:
+                        col = ops.call(aten.reshape.default, named["scale"], list(t.col_major_args))
+                        t.col_major_out.replace_all_uses_with(col)
+                    t.scale.replace_all_uses_with(s_new)
+            if norm.residual_out is not None:
+                norm.residual_out.replace_all_uses_with(named["residual"])
+            if spec.return_normalized:
+                norm.out.replace_all_uses_with(named["normalized"])
+        _erase_dead(graph, m)
+
+
+def _erase_dead(graph: fx.Graph, m: nq_patterns.NormQuantMatch) -> None:
+    candidates = set(m.dead_candidates())
+    for t in m.tails:
+        # the transposed copy of the scales (reshape, permute, clone, permute)
+        n = t.col_major_out
+        while n is not None and n not in candidates and n.op == "call_function":
+            candidates.add(n)
+            n = n.args[0] if isinstance(n.args[0], fx.Node) else None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted((n for n in candidates if n in order), key=order.__getitem__, reverse=True):
+        if not node.users and node.op == "call_function":
+            graph.erase_node(node)
+
+
+PASS = NormQuantPass()
