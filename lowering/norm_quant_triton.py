@@ -1,0 +1,682 @@
+"""Triton kernels for the fused RMSNorm -> quantization op (`fusewright::rms_norm_quant`).
+
+One kernel, specialised at compile time (constexpr) per :class:`NormQuantSpec`, covers
+every variant: residual none / input_dtype / f32; weight styles none / after_cast /
+before_cast / one_plus; quant fp8 static, fp8 per-token, fp8 per-group (row- or
+column-major scales, ue8m0), int8 per-token; exact and fast numerics.
+
+Design (see docs/kernels.md):
+
+* A program owns ROWS rows (1 for the large hidden sizes). The row is split into NCH
+  chunks of CH = a power of two columns (NCH <= 8), each held in registers as a
+  ``[ROWS, CG, GS]`` tile (GS = the quant group, or 128 columns for the other kinds).
+  Unlike one ``next_pow2(H)`` block, chunks waste no lanes at H = 5120 or 7168 (5 and 7
+  chunks of 1024). x is read from HBM once; every output is written once.
+* The chunks are separate SSA values, unrolled with constexpr ``if NCH > k`` blocks
+  (Triton cannot keep a list of tensors across a loop).
+* Rounding follows the spec step by step in exact mode: IEEE division and square root
+  (``div_rn``, ``sqrt_rn``; Triton's plain ``/`` on f32 is an approximate division),
+  NaN-propagating min/max (the hardware min/max drop NaN), ``rsqrt`` computed in f64 and
+  rounded once to f32 (correctly rounded), ue8m0 via f64 log2/exp2.
+* Spec constants (eps, scale constant, clamps, floor, upper bound) are constexpr; each
+  is materialised as an f32 (or f64, for f64 scale math) constant in the kernel, so no
+  float argument is ever computed in double by accident and nothing is read back to
+  the host: the launch is CUDA-graph safe and allocates only from shapes.
+
+The Triton interpreter (TRITON_INTERPRET=1, CPU CI) converts f32 -> bf16 by truncation
+and f32 -> fp8 with a rounding that is neither RNE nor carry-correct (see
+docs/kernels.md). Under the interpreter (constexpr INTERP) those conversions are done
+bit-exactly in integer arithmetic instead; on the GPU the hardware conversions are used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
+from .norm_quant_spec import NormQuantSpec, SpecError
+
+# dtype codes passed as constexpr
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_RES_CODE = {"none": 0, "input_dtype": 1, "f32": 2}
+_W_CODE = {"none": 0, "after_cast": 1, "before_cast": 2, "one_plus": 3}
+_INV_CODE = {"rsqrt": 0, "recip_sqrt": 1, "div_sqrt": 2}
+_KIND_CODE = {"fp8_static": 0, "fp8_per_token": 1, "fp8_per_group": 2, "int8_per_token": 3}
+_APPLY_CODE = {"div": 0, "mul_recip": 1, "mul": 2}
+
+
+# ----------------------------------------------------------------- conversions
+@triton.jit
+def _bf16_bits_rne(x):
+    """f32 -> the 16 bits of its RNE bf16 rounding, in a uint32 (NaN stays a quiet NaN)."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return tl.where(x != x, (b >> 16) | 0x40, r)
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """f32 value rounded to dtype DT (RNE) and back to f32."""
+    if DT == 0:
+        return x
+    elif DT == 1:
+        if INTERP:
+            return (_bf16_bits_rne(x) << 16).to(tl.float32, bitcast=True)
+        else:
+            return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _cvt_out(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """f32 -> dtype DT (RNE), as the tensor to store."""
+    if DT == 0:
+        return x
+    elif DT == 1:
+        if INTERP:
+            return _bf16_bits_rne(x).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def _up(v, DT: tl.constexpr, INTERP: tl.constexpr):
+    """A loaded bf16/f16/f32 tensor -> f32 (exact)."""
+    if DT == 1 and INTERP:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+
+# libdevice is not patched by the interpreter: under INTERP use tl.math / plain f32 tricks
+@triton.jit
+def _rint(x, INTERP: tl.constexpr):
+    """Round half to even to an integer value (f32)."""
+    if INTERP:
+        big = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x| < 2^22 to an integer (RNE)
+        return tl.where(tl.abs(x) < 4194304.0, (x + big) - big, x)
+    else:
+        return libdevice.rint(x)
+
+
+@triton.jit
+def _log2(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.log2(x)
+    else:
+        return libdevice.log2(x)
+
+
+@triton.jit
+def _exp2(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.exp2(x)
+    else:
+        return libdevice.exp2(x)
+
+
+@triton.jit
+def _ceil(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.ceil(x)
+    else:
+        return libdevice.ceil(x)
+
+
+@triton.jit
+def _to_fp8(t, INTERP: tl.constexpr):
+    """f32 in [-448, 448] or NaN -> float8_e4m3fn, round to nearest even."""
+    if INTERP:
+        b = t.to(tl.uint32, bitcast=True)
+        sign = (b >> 24) & 0x80
+        a = tl.abs(t)
+        ab = a.to(tl.uint32, bitcast=True)
+        # subnormal range of e4m3 (|t| < 2^-6): multiples of 2^-9, RNE via rint (exact scaling)
+        sub = _rint(a * 512.0, INTERP).to(tl.uint32)
+        # normal range: keep 3 mantissa bits, RNE; the carry propagates into the exponent
+        m = ab & 0x7FFFFF
+        m3 = m >> 20
+        rem = m & 0xFFFFF
+        up = ((rem > 0x80000) | ((rem == 0x80000) & ((m3 & 1) == 1))).to(tl.uint32)
+        e = (ab >> 23).to(tl.int32) - 127 + 7
+        nrm = (e.to(tl.uint32) << 3) + m3 + up
+        mag = tl.where(a < 0.015625, sub, nrm)
+        mag = tl.where(t != t, 0x7F, mag)
+        return (mag | sign).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        return t.to(tl.float8e4nv)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _c32(v: tl.constexpr):
+    return tl.full([1], v, tl.float32)
+
+
+@triton.jit
+def _c64(v: tl.constexpr):
+    return tl.full([1], v, tl.float64)
+
+
+# ------------------------------------------------------------------ row pieces
+@triton.jit
+def _offs(c, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr):
+    g = tl.arange(0, CG)[None, :, None]
+    j = tl.arange(0, GS)[None, None, :]
+    return c * CH + g * GS + j  # [1, CG, GS] column index
+
+
+@triton.jit
+def _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr,
+            CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
+            MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Chunk c of the rows: h = f32 input (after the residual add); stores the new residual."""
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        m = rmask & (col < H)
+        x = _up(tl.load(x_ptr + xrow + col, mask=m, other=0.0), XDT, INTERP)
+    else:
+        m = None
+        x = _up(tl.load(x_ptr + xrow + col), XDT, INTERP)
+    if RES == 0:
+        h = x
+    else:
+        if MASKED:
+            r = _up(tl.load(r_ptr + rrow + col, mask=m, other=0.0), XDT, INTERP)
+        else:
+            r = _up(tl.load(r_ptr + rrow + col), XDT, INTERP)
+        if RES == 1:  # add in the input dtype: the sum is rounded, the norm reads the rounded sum
+            h = _rnd(x + r, XDT, INTERP)
+        else:  # f32 add: the norm reads the unrounded sum
+            h = x + r
+        if MASKED:
+            tl.store(ro_ptr + orow + col, _cvt_out(h, XDT, INTERP), mask=m)
+        else:
+            tl.store(ro_ptr + orow + col, _cvt_out(h, XDT, INTERP))
+    return h
+
+
+@triton.jit
+def _normalize(h, rinv, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+               INV: tl.constexpr, WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr,
+               ODT: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Returns (ya, yq): ya = f32(y) (y rounded to the output dtype: amax, scales and the
+    returned normalised tensor use it); yq = the value quantized (ya, or in fast mode the
+    f32 product without the intermediate roundings)."""
+    if INV == 2:
+        hr = tl.div_rn(h, rinv)  # rinv holds sqrt(v) for div_sqrt
+    else:
+        hr = h * rinv
+    if WST == 0:
+        ya = _rnd(hr, ODT, INTERP)
+        yq = hr
+    else:
+        col = _offs(c, CH, CG, GS)
+        if MASKED:
+            w = _up(tl.load(w_ptr + col, mask=col < H, other=0.0), WDT, INTERP)
+        else:
+            w = _up(tl.load(w_ptr + col), WDT, INTERP)
+        if WST == 1:
+            n = _rnd(hr, CDT, INTERP)
+            ya = _rnd(n * w, ODT, INTERP)
+            if FAST:
+                yq = hr * w
+            else:
+                yq = ya
+        else:
+            if WST == 3:
+                w = 1.0 + w
+            yq = hr * w
+            ya = _rnd(yq, ODT, INTERP)
+    if not FAST:
+        yq = ya
+    return ya, yq
+
+
+@triton.jit
+def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
+                     SCONST: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
+    """amax (f32, any shape) -> the f32 scale, in the spec's scale-math dtype (SMD 0 f32, 1 bf16, 3 f64)."""
+    if SMD == 3:
+        a64 = a.to(tl.float64)
+        if HAS_UB:
+            a64 = tl.minimum(a64, _c64(UB), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_FLOOR and FLOOR_AMAX:
+            a64 = tl.maximum(a64, _c64(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if CONST_DIV:  # eager `c / t` is `t.reciprocal() * c`: two roundings
+            s64 = (1.0 / a64) * _c64(SCONST)
+        else:
+            s64 = a64 / _c64(SCONST)
+        if HAS_FLOOR and not FLOOR_AMAX:
+            s64 = tl.maximum(s64, _c64(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if UE8M0:
+            s64 = _exp2(_ceil(_log2(s64, INTERP), INTERP), INTERP)
+        s = s64.to(tl.float32)
+    else:
+        # f32 math; with bf16 math every op result is rounded to bf16 (torch computes bf16
+        # ops in f32 and rounds each result)
+        s = _rnd(a, SMD, INTERP)
+        if HAS_UB:
+            s = tl.minimum(s, _c32(UB), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_FLOOR and FLOOR_AMAX:
+            s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if CONST_DIV:  # eager `c / t` is `t.reciprocal() * c`: two roundings
+            s = _rnd(_rnd(tl.div_rn(_c32(1.0), s), SMD, INTERP) * _c32(SCONST), SMD, INTERP)
+        else:
+            s = _rnd(tl.div_rn(s, _c32(SCONST)), SMD, INTERP)
+        if HAS_FLOOR and not FLOOR_AMAX:
+            s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if UE8M0:
+            # log2 rounded to f32 (computed in f64, rounded once), then to the math dtype;
+            # ceil and exp2 of an integer are exact
+            lg = _rnd(_log2(s.to(tl.float64), INTERP).to(tl.float32), SMD, INTERP)
+            s = _exp2(_ceil(lg, INTERP).to(tl.float64), INTERP).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _quant_store(yq, s, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+                 GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
+                 CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+                 INTERP: tl.constexpr):
+    if APPLY == 2:
+        t = yq * s
+    elif APPLY == 1 or FAST or UE8M0:
+        # x / 2^k == x * 2^-k exactly, so ue8m0 scales may always multiply
+        t = yq * tl.div_rn(_c32(1.0), s)
+    else:
+        t = tl.div_rn(yq, s)
+    if INT8:
+        t = _rint(t, INTERP)
+    t = tl.clamp(t, CLO, CHI, propagate_nan=tl.PropagateNan.ALL)
+    if INT8:
+        qv = t.to(tl.int8)
+    else:
+        qv = _to_fp8(t, INTERP)
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        tl.store(q_ptr + qrow + col, qv, mask=rmask & (col < H))
+    else:
+        tl.store(q_ptr + qrow + col, qv)
+
+
+@triton.jit
+def _store_y(ya, y_ptr, yrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+             ODT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        tl.store(y_ptr + yrow + col, _cvt_out(ya, ODT, INTERP), mask=rmask & (col < H))
+    else:
+        tl.store(y_ptr + yrow + col, _cvt_out(ya, ODT, INTERP))
+
+
+@triton.jit
+def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr, COLMAJ: tl.constexpr,
+                  H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+                  SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                  FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
+                  SCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
+                  CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Per-group quantization of one chunk: the groups of a chunk are all inside it."""
+    a = tl.reduce(tl.abs(ya), 2, _max_nan, keep_dims=True)  # [ROWS, CG, 1]
+    s = _scale_from_amax(a, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, INTERP)
+    _quant_store(yq, s, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP)
+    gidx = c * CG + tl.arange(0, CG)[None, :, None]  # [1, CG, 1]
+    r3 = rows[:, None, None].to(tl.int64)
+    if COLMAJ:
+        sp = s_ptr + gidx.to(tl.int64) * M + r3
+    else:
+        sp = s_ptr + r3 * G + gidx
+    if MASKED:
+        tl.store(sp, s, mask=rmask & (gidx < G))
+    else:
+        tl.store(sp, s)
+
+
+# ---------------------------------------------------------------------- kernel
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, w_ptr, r_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr,
+    M, x_stride, r_stride,
+    H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+    ROWS: tl.constexpr, MASKED: tl.constexpr,
+    XDT: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr,
+    RES: tl.constexpr, WST: tl.constexpr, INV: tl.constexpr, EPS: tl.constexpr,
+    KIND: tl.constexpr, G: tl.constexpr, COLMAJ: tl.constexpr, UE8M0: tl.constexpr,
+    SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+    FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
+    APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
+    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask3 = (rows < M)[:, None, None]
+    r64 = rows.to(tl.int64)[:, None, None]
+    xrow = r64 * x_stride
+    rrow = r64 * r_stride
+    orow = r64 * H  # outputs are contiguous [M, H]
+    INT8: tl.constexpr = KIND == 3
+    PER_GROUP: tl.constexpr = KIND == 2
+
+    # ---- pass 1: load every chunk once, sum of squares
+    h0 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+    ss = tl.sum(tl.sum(h0 * h0, 2), 1)
+    if NCH > 1:
+        h1 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h1 * h1, 2), 1)
+    if NCH > 2:
+        h2 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h2 * h2, 2), 1)
+    if NCH > 3:
+        h3 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h3 * h3, 2), 1)
+    if NCH > 4:
+        h4 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h4 * h4, 2), 1)
+    if NCH > 5:
+        h5 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h5 * h5, 2), 1)
+    if NCH > 6:
+        h6 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h6 * h6, 2), 1)
+    if NCH > 7:
+        h7 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
+        ss += tl.sum(tl.sum(h7 * h7, 2), 1)
+
+    # ---- the row statistic: mean = sum / H (true division, as eager CPU mean), + f32 eps
+    v = tl.div_rn(ss, _c32(H)) + _c32(EPS)
+    if INV == 0:  # rsqrt, correctly rounded: f64 sqrt and division, one rounding to f32
+        rinv = (1.0 / tl.sqrt(v.to(tl.float64))).to(tl.float32)
+    elif INV == 1:  # 1 / sqrt(v), each step rounded to f32
+        rinv = tl.div_rn(_c32(1.0), tl.sqrt_rn(v))
+    else:  # h / sqrt(v): pass sqrt(v), _normalize divides
+        rinv = tl.sqrt_rn(v)
+    rinv = rinv[:, None, None]
+
+    s_static = 0.0
+    if KIND == 0:
+        sv = tl.load(sin_ptr)
+        if SIN_DT == 1 and INTERP:
+            s_static = _up(sv, 1, INTERP)
+        else:
+            s_static = sv.to(tl.float32)
+
+    # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
+    # keeps the normalised chunks until the row amax is known
+    if KIND == 1 or KIND == 3:
+        ya0, yq0 = _normalize(h0, rinv, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+        am = tl.reduce(tl.reduce(tl.abs(ya0), 2, _max_nan), 1, _max_nan)
+        if NCH > 1:
+            ya1, yq1 = _normalize(h1, rinv, w_ptr, 1, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya1), 2, _max_nan), 1, _max_nan))
+        if NCH > 2:
+            ya2, yq2 = _normalize(h2, rinv, w_ptr, 2, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya2), 2, _max_nan), 1, _max_nan))
+        if NCH > 3:
+            ya3, yq3 = _normalize(h3, rinv, w_ptr, 3, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya3), 2, _max_nan), 1, _max_nan))
+        if NCH > 4:
+            ya4, yq4 = _normalize(h4, rinv, w_ptr, 4, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya4), 2, _max_nan), 1, _max_nan))
+        if NCH > 5:
+            ya5, yq5 = _normalize(h5, rinv, w_ptr, 5, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya5), 2, _max_nan), 1, _max_nan))
+        if NCH > 6:
+            ya6, yq6 = _normalize(h6, rinv, w_ptr, 6, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya6), 2, _max_nan), 1, _max_nan))
+        if NCH > 7:
+            ya7, yq7 = _normalize(h7, rinv, w_ptr, 7, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya7), 2, _max_nan), 1, _max_nan))
+        s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, INTERP)
+        if ROWS == 1 or not MASKED:
+            tl.store(s_ptr + rows, s_row)
+        else:
+            tl.store(s_ptr + rows, s_row, mask=rows < M)
+        s3 = s_row[:, None, None]
+        _quant_store(yq0, s3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+        if RET_Y:
+            _store_y(ya0, y_ptr, orow, rmask3, 0, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 1:
+            _quant_store(yq1, s3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya1, y_ptr, orow, rmask3, 1, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 2:
+            _quant_store(yq2, s3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya2, y_ptr, orow, rmask3, 2, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 3:
+            _quant_store(yq3, s3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya3, y_ptr, orow, rmask3, 3, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 4:
+            _quant_store(yq4, s3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya4, y_ptr, orow, rmask3, 4, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 5:
+            _quant_store(yq5, s3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya5, y_ptr, orow, rmask3, 5, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 6:
+            _quant_store(yq6, s3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya6, y_ptr, orow, rmask3, 6, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if NCH > 7:
+            _quant_store(yq7, s3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+            if RET_Y:
+                _store_y(ya7, y_ptr, orow, rmask3, 7, H, CH, CG, GS, ODT, MASKED, INTERP)
+    else:
+        _chunk_local(h0, 0, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                     H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 1:
+            _chunk_local(h1, 1, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 2:
+            _chunk_local(h2, 2, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 3:
+            _chunk_local(h3, 3, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 4:
+            _chunk_local(h4, 4, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 5:
+            _chunk_local(h5, 5, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 6:
+            _chunk_local(h6, 6, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+        if NCH > 7:
+            _chunk_local(h7, 7, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+
+
+@triton.jit
+def _chunk_local(h, c, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+                 H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
+                 WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr, KIND: tl.constexpr,
+                 G: tl.constexpr, COLMAJ: tl.constexpr, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr,
+                 HAS_FLOOR: tl.constexpr, FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
+                 SCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
+                 CHI: tl.constexpr, RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """Static or per-group quantization of chunk c (needs nothing from the other chunks)."""
+    ya, yq = _normalize(h, rinv, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+    if KIND == 0:
+        _quant_store(yq, s_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI, FAST,
+                     MASKED, INTERP)
+    else:
+        _group_finish(ya, yq, c, rows, rmask3, M, q_ptr, orow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
+                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
+    if RET_Y:
+        _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
+
+
+# ---------------------------------------------------------------------- launch
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None) -> dict:
+    """Tile plan for hidden size `hidden`: chunk width CH (a power of two), chunk count NCH
+    (<= 8), group tile GS x CG, rows per program, warps. `tuning` overrides (benchmarks)."""
+    t = dict(tuning or {})
+    q = spec.quant
+    gs = q.group_size if q.kind == "fp8_per_group" else 0
+    if gs and gs & (gs - 1):
+        raise SpecError(f"group size {gs} is not a power of two: no Triton tiling for it")
+    ch = t.get("CH")
+    if ch is None:
+        # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
+        # columns for large rows (128-bit loads for 4 warps), at least one group
+        ch = max(triton.next_power_of_2(triton.cdiv(hidden, 8)), min(1024, triton.next_power_of_2(hidden)), gs or 1)
+    nch = triton.cdiv(hidden, ch)
+    if nch > 8:
+        raise SpecError(f"hidden size {hidden} needs {nch} chunks of {ch} (max 8)")
+    gs_tile = gs or min(128, ch)
+    rows = t.get("ROWS")
+    if rows is None:
+        # small rows: several per program so a program still moves ~8 KB
+        rows = max(1, min(16, 4096 // max(ch * nch, 1)))
+        rows = _pow2_floor(rows)
+    warps = t.get("num_warps")
+    if warps is None:
+        elems = ch * rows
+        warps = max(1, min(8, elems // 256))
+    return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
+                num_stages=t.get("num_stages", 1))
+
+
+def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
+    """t viewed as [M, H] with a unit stride on the last dim, and its row stride."""
+    if t.dim() == 2 and t.stride(-1) == 1:
+        return t, t.stride(0)
+    t2 = t.reshape(-1, hidden)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
+
+
+def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None, *, tuning: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """Run the fused kernel; same inputs and outputs as `norm_quant_reference.reference`."""
+    norm, quant = spec.norm, spec.quant
+    if x.dtype != norm.input_dtype:
+        raise SpecError(f"x has dtype {x.dtype}, the spec expects {norm.input_dtype}")
+    if (weight is None) != (norm.weight == "none"):
+        raise SpecError(f"weight style {norm.weight!r} but weight is {'missing' if weight is None else 'given'}")
+    if (residual is None) != (norm.residual == "none"):
+        raise SpecError(f"residual mode {norm.residual!r} but residual is {'missing' if residual is None else 'given'}")
+    if (scale is None) != quant.dynamic:
+        raise SpecError(f"quant kind {quant.kind!r} but scale is {'missing' if scale is None else 'given'}")
+    hidden = x.shape[-1]
+    spec.check_hidden(hidden)
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    cfg = plan(spec, hidden, tuning)
+
+    x2, xs = _as_2d(x, hidden)
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise SpecError("residual must have x's shape and dtype")
+        r2, rs = _as_2d(residual, hidden)
+    else:
+        r2, rs = x2, 0
+    if weight is not None:
+        if tuple(weight.shape) != (hidden,) or weight.dtype != norm.weight_dtype:
+            raise SpecError(f"weight must be [{hidden}] {norm.weight_dtype}, got {tuple(weight.shape)} {weight.dtype}")
+        w = weight.contiguous()
+    else:
+        w = x2
+    if scale is not None:
+        if scale.numel() != 1:
+            raise SpecError(f"static scale must have one element, got shape {tuple(scale.shape)}")
+        if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise SpecError(f"static scale dtype {scale.dtype} not supported")
+        sin = scale.reshape(1)
+    else:
+        sin = x2
+
+    dev = x.device
+    q = torch.empty((m, hidden), dtype=quant.out_dtype, device=dev)
+    outs: list[torch.Tensor] = [q.view(x.shape)]
+    s_out = x2
+    if quant.dynamic:
+        if quant.kind == "fp8_per_group":
+            groups = hidden // quant.group_size
+            if quant.col_major:
+                buf = torch.empty((groups, m), dtype=torch.float32, device=dev)
+                nd = len(lead) + 1
+                outs.append(buf.view((groups,) + lead).permute(tuple(range(1, nd)) + (0,)))
+            else:
+                buf = torch.empty((m, groups), dtype=torch.float32, device=dev)
+                outs.append(buf.view(lead + (groups,)))
+        else:
+            groups = 1
+            buf = torch.empty((m,), dtype=torch.float32, device=dev)
+            outs.append(buf.view(lead + (1,)))
+        s_out = buf
+    else:
+        groups = 1
+    r_out = x2
+    if norm.residual != "none":
+        r_out = torch.empty((m, hidden), dtype=norm.input_dtype, device=dev)
+        outs.append(r_out.view(x.shape))
+    y_out = x2
+    if spec.return_normalized:
+        y_out = torch.empty((m, hidden), dtype=norm.out_dtype, device=dev)
+        outs.append(y_out.view(x.shape))
+    if m == 0:
+        return tuple(outs)
+
+    interp = _interpreting()
+    masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0)
+    smd = quant.scale_math_dtype
+    fast = spec.numerics == "fast"
+    grid = (triton.cdiv(m, cfg["ROWS"]),)
+    _rms_norm_quant_kernel[grid](
+        x2, w, r2, sin, q, s_out, r_out, y_out,
+        m, xs, rs,
+        H=hidden, CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked,
+        XDT=_DT_CODE[norm.input_dtype], WDT=_DT_CODE[norm.weight_dtype] if weight is not None else 0,
+        CDT=_DT_CODE[norm.cast_dtype], ODT=_DT_CODE[norm.out_dtype],
+        RES=_RES_CODE[norm.residual], WST=_W_CODE[norm.weight], INV=_INV_CODE[norm.inv], EPS=float(norm.eps),
+        KIND=_KIND_CODE[quant.kind], G=groups, COLMAJ=bool(quant.col_major), UE8M0=bool(quant.ue8m0),
+        SMD=_DT_CODE[smd], HAS_UB=quant.amax_ub is not None, UB=float(quant.amax_ub or 0.0),
+        HAS_FLOOR=quant.floor is not None, FLOOR_AMAX=quant.floor_on == "amax", FLOOR=float(quant.floor or 0.0),
+        CONST_DIV=quant.scale_form == "const_div", SCONST=float(quant.scale_const),
+        APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
+        SIN_DT=_DT_CODE.get(scale.dtype, 0) if scale is not None else 0,
+        RET_Y=bool(spec.return_normalized), FAST=fast, INTERP=interp,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return tuple(outs)

@@ -1,0 +1,251 @@
+"""`fusewright bench norm-quant`: fused RMSNorm + quant Triton kernels vs stock Inductor.
+
+For each variant and shape: the Triton kernel (`lowering/norm_quant_triton.launch`) and
+stock Inductor compiling the unfused graph (the pure-torch reference of the same spec,
+i.e. the eager spelling), measured in the same process. Large token counts: L2 flushed
+before every repetition (a 256 MB write), CUDA events around each call, median.
+Token counts <= 256: 20 calls captured in one CUDA graph, replayed, time per call (the
+launch-bound regime a decode step runs in). The limit is the variant's minimum bytes
+(3TH + scales; with a residual add 7TH + scales) over the device-to-device copy
+bandwidth measured in the same run.
+
+    fusewright bench norm-quant                      # default table
+    fusewright bench norm-quant --quick --json out.json
+    fusewright bench norm-quant --sweep              # tile configs at T=16384, H=7168
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+
+from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
+
+HELP = "fused RMSNorm+quant kernels vs stock Inductor"
+
+_FLOOR_TOKEN = 1e-12
+_FLOOR_GROUP = 1e-10
+
+
+def variants() -> dict[str, NormQuantSpec]:
+    """The benchmarked variants. The dynamic ones divide by the scale, as the baseline
+    spellings (shared/baseline/baseline.py) do; `token_recip` is vLLM's multiply-by-reciprocal."""
+    n = NormSpec(eps=1e-6)
+    na = NormSpec(eps=1e-6, residual="input_dtype")
+    tok = QuantSpec(kind="fp8_per_token", apply="div", floor=_FLOOR_TOKEN)
+    g128 = QuantSpec(kind="fp8_per_group", group_size=128, apply="div", floor=_FLOOR_GROUP)
+    return {
+        "static": NormQuantSpec(n, QuantSpec(kind="fp8_static", apply="div")),
+        "token": NormQuantSpec(n, tok),
+        "token_recip": NormQuantSpec(n, QuantSpec(kind="fp8_per_token", apply="mul_recip", floor=1 / (448 * 512))),
+        "group128": NormQuantSpec(n, g128),
+        "group64_col_ue8m0": NormQuantSpec(n, QuantSpec(kind="fp8_per_group", group_size=64, col_major=True,
+                                                        ue8m0=True, apply="div", floor=_FLOOR_GROUP)),
+        "int8_token": NormQuantSpec(n, QuantSpec(kind="int8_per_token", scale_form="const_div", scale_const=127.0,
+                                                 apply="mul", clamp_lo=-128.0, clamp_hi=127.0, floor=1e-5,
+                                                 floor_on="amax", out_dtype=torch.int8)),
+        "add_static": NormQuantSpec(na, QuantSpec(kind="fp8_static", apply="div")),
+        "add_token": NormQuantSpec(na, tok),
+        "add_group128": NormQuantSpec(na, g128),
+    }
+
+
+def min_bytes(spec: NormQuantSpec, T: int, H: int) -> int:
+    n = T * H
+    b = 7 * n if spec.norm.residual != "none" else 3 * n
+    if spec.quant.kind == "fp8_per_group":
+        b += 4 * n // spec.quant.group_size
+    elif spec.quant.dynamic:
+        b += 4 * T
+    return b
+
+
+# ------------------------------------------------------------------ timing
+class Timer:
+    def __init__(self, reps: int = 30):
+        self.reps = reps
+        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+
+    def hbm(self, fn) -> float:
+        """Median µs of `fn()` with L2 flushed before each call."""
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            # keep the GPU busy while the host enqueues the call, so launch overhead on the
+            # host is not timed as idle GPU time
+            torch.cuda._sleep(100_000)
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return statistics.median(times)
+
+    def graph(self, fn, calls: int = 20) -> float:
+        """µs per call of `fn`, `calls` of them captured in one CUDA graph (median of replays)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / calls)
+        return statistics.median(times)
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB, L2 flushed."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = timer.hbm(lambda: y.copy_(x))
+    del x, y
+    return 2 * 2**30 / (t * 1e-6)
+
+
+def _inputs(spec: NormQuantSpec, T: int, H: int):
+    x = torch.randn(T, H, device="cuda", dtype=spec.norm.input_dtype)
+    w = torch.randn(H, device="cuda", dtype=spec.norm.weight_dtype) if spec.norm.weight != "none" else None
+    r = torch.randn_like(x) if spec.norm.residual != "none" else None
+    s = torch.tensor(0.05, device="cuda") if spec.quant.kind == "fp8_static" else None
+    return x, w, r, s
+
+
+def _inductor_fn(spec: NormQuantSpec):
+    from ..lowering.norm_quant_reference import reference
+
+    def unfused(x, w, r, s):
+        return reference(spec, x, w, r, s)
+
+    return torch.compile(unfused, dynamic=False)
+
+
+def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H: int,
+              tuning: dict | None = None, inductor: bool = True) -> dict:
+    from ..lowering.norm_quant_triton import launch, plan
+
+    args = _inputs(spec, T, H)
+    small = T <= 256
+    measure = timer.graph if small else timer.hbm
+    ours = measure(lambda: launch(spec, *args, tuning=tuning))
+    row = dict(variant=name, T=T, H=H, timer="cuda_graph" if small else "l2_flushed",
+               triton_us=round(ours, 2), plan=plan(spec, H, tuning))
+    lim = min_bytes(spec, T, H) / bw * 1e6
+    row["limit_us"] = round(lim, 2)
+    row["triton_pct_of_limit"] = round(100 * lim / ours, 1)
+    if inductor:
+        torch._dynamo.reset()
+        cf = _inductor_fn(spec)
+        theirs = measure(lambda: cf(*args))
+        row["inductor_us"] = round(theirs, 2)
+        row["inductor_pct_of_limit"] = round(100 * lim / theirs, 1)
+        row["speedup"] = round(theirs / ours, 3)
+    return row
+
+
+DEFAULT_SHAPES = [(T, H) for T in (4096, 16384) for H in (4096, 5120, 7168, 8192)]
+SMALL_SHAPES = [(T, 7168) for T in (1, 16, 64, 256)] + [(T, 4096) for T in (1, 16, 64, 256)]
+QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
+SWEEP = [
+    {}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 2}, {"CH": 2048, "num_warps": 8},
+    {"CH": 1024, "num_warps": 4, "ROWS": 2}, {"CH": 1024, "num_warps": 8, "ROWS": 2},
+]
+
+
+def _print_table(rows: list[dict]) -> None:
+    hdr = f"{'variant':20s} {'T':>6s} {'H':>5s} {'triton us':>10s} {'%lim':>6s} {'inductor us':>12s} {'%lim':>6s} {'speedup':>8s}  plan"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        p = r.get("plan", {})
+        ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')}"
+        print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
+              f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
+              f"{r.get('speedup', float('nan')):8.3f}  {ptxt}", flush=True)
+
+
+def environment(bw: float) -> dict:
+    import triton
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                copy_bandwidth_TBps=round(bw / 1e12, 3))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variants()))
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
+    parser.add_argument("--sweep", action="store_true", help="tile configs at T=16384, H=7168 (no Inductor)")
+    parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
+
+
+def main(args: argparse.Namespace, config=None) -> int:
+    if not torch.cuda.is_available():
+        print("fusewright bench norm-quant: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    vs = variants()
+    names = args.variants.split(",") if args.variants else list(vs)
+    unknown = [n for n in names if n not in vs]
+    if unknown:
+        print(f"unknown variants {unknown}; available: {', '.join(vs)}", file=sys.stderr)
+        return 2
+    timer = Timer(args.reps)
+    bw = copy_bandwidth(timer)
+    env = environment(bw)
+    print(json.dumps(env), flush=True)
+    rows = []
+    if args.sweep:
+        for name in names:
+            for tuning in SWEEP:
+                try:
+                    rows.append(bench_one(timer, bw, name, vs[name], 16384, 7168, tuning, inductor=False))
+                except Exception as exc:  # a config that does not compile is a result, not a crash
+                    print(f"{name} {tuning}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                _print_table(rows[-1:])
+    else:
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        else:
+            shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES + (SMALL_SHAPES if args.small else [])
+        for name in names:
+            for T, H in shapes:
+                rows.append(bench_one(timer, bw, name, vs[name], T, H))
+                _print_table(rows[-1:])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
