@@ -33,7 +33,8 @@ What stays (each recorded as a skip with its reason):
 * lossy chains (f32 -> bf16 -> f32, anything through bf16 <-> f16, fp8, integers):
   never matched in the first place;
 * a copy that a consumer writes to (a mutable argument, an auto_functionalized
-  base), or whose source tensor is written to anywhere in the graph;
+  base), a copy of a tensor that is written to after the copy was taken, a round
+  trip whose wide value is written to;
 * a copy returned by the graph when the replacement would alias a graph input or
   another output, or would have other strides;
 * a copy read by an op that sees layout (custom ops, views, most aten ops) when the
@@ -84,8 +85,18 @@ class EliminateNoopCasts(GraphPass):
     # ------------------------------------------------------------------ one match
     def _rewrite(self, graph: fx.Graph, trip: RoundTrip, ctx: PassContext, state: "_GraphState") -> None:
         back = trip.cast_back
-        if any(alias_root(n) in state.mutated for n in [trip.source, *trip.chain]):
-            ctx.skipped(f"{trip.kind}: the source tensor is written to in the graph", back)
+        # A write to the source after the copy was taken would reach the moved readers; a
+        # write to the wide value (or its views) before the cast back is part of its value.
+        here = state.position[back]
+        if any(state.position.get(w, -1) > here for w in state.writers.get(alias_root(trip.source), ())):
+            ctx.skipped(f"{trip.kind}: the source tensor is written to after the copy", back)
+            return
+        if any(alias_root(n) in state.writers for n in trip.chain):
+            ctx.skipped(f"{trip.kind}: the wide value is written to in the graph", back)
+            return
+        written = self._written_copy(back)
+        if written:
+            ctx.skipped(f"{trip.kind}: kept, {written}", back)
             return
         replacement, new_nodes = self._replay_layout(graph, trip)
         r_val, b_val = tensor_meta(replacement), tensor_meta(back)
@@ -116,6 +127,16 @@ class EliminateNoopCasts(GraphPass):
                 # The wide value has other readers: it stays, only the cast back went.
                 details = ctx.stats.details
                 details["wide_value_kept"] = details.get("wide_value_kept", 0) + 1
+
+    @staticmethod
+    def _written_copy(back: fx.Node) -> str | None:
+        """Why no reader may leave the copy: someone writes to it (or to a view of it)."""
+        for user, _, kind in casts.alias_closure(back):
+            if kind is UseKind.MUTATES:
+                return f"the copy is written to by {user.name}"
+            if kind is UseKind.UNKNOWN:
+                return f"the copy is read by {user.name}, an op without a schema"
+        return None
 
     def _replay_layout(self, graph: fx.Graph, trip: RoundTrip) -> tuple[fx.Node, list[fx.Node]]:
         """The layout ops of the chain, applied to the narrow source (before the cast back)."""
@@ -213,7 +234,9 @@ class _GraphState:
     """What the pass needs to know about the whole graph while it rewrites it."""
 
     def __init__(self, graph: fx.Graph) -> None:
-        self.mutated = casts.mutated_roots(graph)
+        self.writers = casts.writers(graph)
+        # Original order; only nodes that existed before the pass are ever looked up.
+        self.position = {node: i for i, node in enumerate(graph.nodes)}
         self.erased: set[fx.Node] = set()
         self.graph = graph
 

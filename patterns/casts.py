@@ -135,8 +135,9 @@ def aliases_input(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.returns or not schema.arguments:
         return False
+    # Views (`Tensor(a)`) and in-place ops (`Tensor(a!)`, returning `self`) both alias.
     out_alias, in_alias = schema.returns[0].alias_info, schema.arguments[0].alias_info
-    return out_alias is not None and not out_alias.is_write and in_alias is not None
+    return out_alias is not None and in_alias is not None
 
 
 def alias_root(node: fx.Node) -> fx.Node:
@@ -302,6 +303,8 @@ def classify_use(user: fx.Node, node: fx.Node) -> UseKind:
         return UseKind.MUTATES
     if target.namespace not in ("aten", "prims"):
         return UseKind.OPAQUE
+    if target is aten.clone.default:
+        return UseKind.COMPUTE  # a fresh copy whose layout follows its input, like pointwise ops
     if target in LAYOUT_OPS or aliases_input(user):
         return UseKind.VIEW if user.args and user.args[0] is node else UseKind.OPAQUE
     if target in _NOT_COMPUTE or schema.is_mutable:
@@ -324,13 +327,13 @@ def alias_closure(node: fx.Node) -> Iterator[tuple[fx.Node, fx.Node, UseKind]]:
                 stack.append(user)
 
 
-def mutated_roots(graph: fx.Graph) -> set[fx.Node]:
-    """Storage owners that some op in the graph writes to (directly or through a view).
+def writers(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """Storage owner -> the nodes that write to it (directly or through a view).
 
     auto_functionalized nodes do not count: they are functional until Inductor
     reinplaces them, and it reinplaces only where no later reader would notice.
     """
-    roots: set[fx.Node] = set()
+    found: dict[fx.Node, list[fx.Node]] = {}
     for user in graph.nodes:
         if user.op != "call_function" or (AUTO_FUNCTIONALIZED and user.target in AUTO_FUNCTIONALIZED):
             continue
@@ -340,8 +343,8 @@ def mutated_roots(graph: fx.Graph) -> set[fx.Node]:
             kind = classify_use(user, value)
             if kind is UseKind.MUTATES or (kind is UseKind.UNKNOWN and tensor_meta(value) is not None
                                             and not _known_pure(user)):
-                roots.add(alias_root(value))
-    return roots
+                found.setdefault(alias_root(value), []).append(user)
+    return found
 
 
 def _known_pure(node: fx.Node) -> bool:

@@ -2,7 +2,8 @@
 
 Random chains of casts over bf16/f16/f32/f64 and layout ops, with random extra
 consumers (graph outputs, an opaque op that reports values and strides, pointwise
-math, reductions). After the pass: outputs bitwise equal with the same dtypes,
+math, reductions) and random in-place writes (an opaque op's mutable argument, an
+aten in-place op), to the input, a copy or a view. After the pass: outputs bitwise equal with the same dtypes,
 shapes, strides, offsets and aliasing; the graph lints; no lossy cast touched; and
 every lossless round trip left in the graph was kept for a recorded reason that its
 readers justify.
@@ -46,13 +47,18 @@ SHAPES = [(4, 6), (2, 3, 4), (6,), (3, 1, 5)]
 # the current value another consumer.
 _layout = st.sampled_from(["permute", "transpose", "slice", "select", "unsqueeze", "squeeze",
                            "expand", "clone", "contiguous", "flatten", "t"])
-_step = st.one_of(
-    st.tuples(st.just("cast"), st.sampled_from(FLOATS)),
-    st.tuples(st.just("layout"), _layout, st.integers(0, 7)),
-    st.tuples(st.just("extra"), st.sampled_from(["output", "probe", "mul", "sum"])),
-)
-# Round trips are what the pass is about: make them common by often casting back.
-_chain = st.lists(st.one_of(_step, st.tuples(st.just("back"))), min_size=1, max_size=10)
+_cast = st.tuples(st.just("cast"), st.sampled_from(FLOATS))
+_layout_step = st.tuples(st.just("layout"), _layout, st.integers(0, 7))
+_extra = st.tuples(st.just("extra"), st.sampled_from(["output", "probe", "mul", "sum"]))
+# Writes: through an opaque op's mutable argument, or an aten in-place op.
+_write = st.tuples(st.just("write"), st.sampled_from(["scale_", "add_"]))
+# A round trip from the current dtype: up to a random dtype, a few layout ops, back.
+_trip = st.tuples(st.just("trip"), st.sampled_from(FLOATS),
+                  st.lists(st.tuples(_layout, st.integers(0, 7)), max_size=3))
+# Branches are drawn uniformly: repeat the ones that should be common.
+_step = st.one_of(_trip, _trip, _trip, _layout_step, _layout_step, _cast, _extra, _extra, _write,
+                  st.tuples(st.just("back")))
+_chain = st.lists(_step, min_size=1, max_size=8)
 
 
 def _apply_layout(v: torch.Tensor, name: str, k: int) -> torch.Tensor:
@@ -96,6 +102,15 @@ def _build(chain, start_dtype):
                 v = v.to(narrow)
             elif step[0] == "layout":
                 v = _apply_layout(v, step[1], step[2])
+            elif step[0] == "trip":
+                here = v.dtype
+                v = v.to(step[1])
+                for name, k in step[2]:
+                    v = _apply_layout(v, name, k)
+                v = v.to(here)
+            elif step[0] == "write":
+                if v.is_contiguous():  # in-place writes into overlapping (expanded) memory are errors
+                    H.scale_(v) if step[1] == "scale_" else v.add_(1)
             else:
                 kind = step[1]
                 outs.append(v if kind == "output" else H.probe(v) if kind == "probe" else v * 2 if kind == "mul" else v.sum(-1))
@@ -170,6 +185,6 @@ def test_random_cast_chains(chain, dtype, shape, seed, symbolic):
     for node in left:
         kinds = {classify_use(u, node) for u in node.users}
         assert kinds - {UseKind.COMPUTE} or any(
-            "layout" in s.reason for s in stats.skipped
+            "layout" in s.reason or "written" in s.reason for s in stats.skipped
         ), f"{node.name} kept although only math reads it: {stats.skipped}"
     assert stats.rewritten <= stats.matched
