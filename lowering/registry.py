@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import re
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -345,6 +346,22 @@ class Choice:
     def detail(self) -> str:
         """One line for the pass report: `rms_norm -> aten (auto: ...)`."""
         return f"{self.call.op}{'[' + self.call.variant + ']' if self.call.variant else ''} -> {self.name} ({self.reason})"
+
+
+_DETAIL = re.compile(r"^(?:(?P<source>.+?): )?(?P<op>[a-z_]+)(?:\[(?P<variant>[^\]]*)\])? -> "
+                     r"(?P<impl>[A-Za-z0-9_]+) \((?P<reason>.*)\)$")
+
+
+def parse_detail(detail: str) -> dict[str, str] | None:
+    """Split a report detail written from :meth:`Choice.detail` (optionally prefixed by
+    ``"<source op>: "``) into source, op, variant, impl and reason; None for other details.
+
+    For graph-diff: ``report[pass].details`` maps such strings to how often they happened.
+    """
+    m = _DETAIL.match(detail)
+    if not m or m.group("op") not in SEMANTIC_OPS:
+        return None
+    return {k: v or "" for k, v in m.groupdict().items()}
 
 
 def choose(call: OpCall, priority: Sequence[str], *, tuner: Any = None) -> Choice:

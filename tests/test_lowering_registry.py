@@ -135,6 +135,17 @@ def test_priority_picks_the_first_applicable(extra_impls):
     assert choice.detail() == "rms_norm -> aten (vendor: needs CUDA; priority vendor,aten)"
 
 
+def test_report_details_can_be_parsed_back(extra_impls):
+    detail = "_C::rms_norm.default in auto_functionalized_v2: " + choose(cuda_call(), ("vendor",)).detail()
+    assert registry.parse_detail(detail) == {
+        "source": "_C::rms_norm.default in auto_functionalized_v2", "op": "rms_norm", "variant": "",
+        "impl": "vendor", "reason": "priority vendor"}
+    quant = registry.Choice(OpCall.make("rms_norm_quant", {"x": None}, variant="fp8_per_token"), None, "x: y (z)")
+    assert registry.parse_detail(quant.detail()) == {"source": "", "op": "rms_norm_quant", "variant": "fp8_per_token",
+                                                     "impl": "none", "reason": "x: y (z)"}
+    assert registry.parse_detail("aten:strided") is None and registry.parse_detail("triton:launches") is None
+
+
 def test_priority_with_nothing_applicable_says_why():
     call = cuda_call()
     choice = choose(call, ("triton",))
