@@ -82,6 +82,11 @@ def _tables4d(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    if q.device.type != "cuda":
+        # torch.compile traces a triton_op's body on every device: elsewhere than CUDA
+        # the body is the reference math, which Inductor compiles like any other code.
+        outs = [rope_reference(t, cos, sin, interleaved).contiguous() for t in (q, k) if t is not None]
+        return outs[0], (outs[1] if k is not None else None)
     q4 = _as4d(q if q.stride(-1) == 1 else q.contiguous())
     k4 = None if k is None else _as4d(k if k.stride(-1) == 1 else k.contiguous())
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -203,3 +208,4 @@ def choose_lowering(device: torch.device, n_elements: int, kernel_ok: bool) -> t
     rule = table["rules"].get(backend, table["rules"]["default"])
     choice = rule["with_kernel"] if kernel_ok else rule["without_kernel"]
     return choice, f"rule for {backend}: {rule['why']}"
+

@@ -35,7 +35,7 @@ def _rope_kernel(
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2,
     c_s0, c_s1, c_s2, c_s3, s_s0, s_s1, s_s2, s_s3,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, TABLE_PER_HEAD: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -63,10 +63,19 @@ def _rope_kernel(
 
     row_mask = t_ok[:, None, None] & h_ok[None, :, None]
     mask = row_mask & i_ok[None, None, :]
-    c_off = (b * c_s0 + s * c_s1)[:, None, None] + (h64 * c_s2)[None, :, None] + (cols * c_s3)[None, None, :]
-    s_off = (b * s_s0 + s * s_s1)[:, None, None] + (h64 * s_s2)[None, :, None] + (cols * s_s3)[None, None, :]
-    cos = tl.load(cos_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+    if TABLE_PER_HEAD:
+        c_off = (b * c_s0 + s * c_s1)[:, None, None] + (h64 * c_s2)[None, :, None] + (cols * c_s3)[None, None, :]
+        s_off = (b * s_s0 + s * s_s1)[:, None, None] + (h64 * s_s2)[None, :, None] + (cols * s_s3)[None, None, :]
+        cos = tl.load(cos_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        # one table row per token, broadcast over the heads in registers: loading it
+        # per (token, head) would issue BLOCK_H times the load instructions
+        tmask = t_ok[:, None, None] & i_ok[None, None, :]
+        c_off = (b * c_s0 + s * c_s1)[:, None, None] + (cols * c_s3)[None, None, :]
+        s_off = (b * s_s0 + s * s_s1)[:, None, None] + (cols * s_s3)[None, None, :]
+        cos = tl.load(cos_ptr + c_off, mask=tmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + s_off, mask=tmask, other=0.0).to(tl.float32)
 
     x_row = (b * xs0 + s * xs1)[:, None, None] + (h64 * xs2)[None, :, None]
     o_row = (tok64[:, None, None] * H + h64[None, :, None]) * (2 * HALF)
@@ -107,10 +116,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Elements (of x) moved per program and warps per program. Chosen on an H100 from the
-# configurations `fusewright bench rope --sweep` compares (docs/benchmarks.md).
-ELEMS_PER_PROGRAM = 4096
-NUM_WARPS = 4
+# Elements (of x) per program, warps per program, heads per program. The fastest of the
+# 16 configurations `fusewright bench rope --sweep` compared on an H100 at S=75600
+# (docs/benchmarks.md): every BLOCK_H=8 configuration was within 2.5% of it, BLOCK_H=4
+# ones about 20% slower.
+ELEMS_PER_PROGRAM = 2048
+NUM_WARPS = 8
 MAX_BLOCK_H = 8
 
 
@@ -143,11 +154,13 @@ def launch(kernel, q, qo, k, ko, cos, sin, *, interleaved: bool, elems: int | No
     if k is None:
         k, ko = q, qo  # never touched: no program is given a k head block
     extra = {} if fp_fusion else {"enable_fp_fusion": False}
+    # after expand, a table shared by all heads has stride 0 along the head dim
+    per_head = hq > 1 and (cos.stride(2) != 0 or sin.stride(2) != 0)
     kernel[cfg["grid"]](
         q, qo, k, ko, cos, sin,
         n_tok, d1, hq, hk, cfg["NQB"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         *cos.stride(), *sin.stride(),
         HALF=half, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
-        INTERLEAVED=interleaved, num_warps=num_warps or NUM_WARPS, **extra,
+        INTERLEAVED=interleaved, TABLE_PER_HEAD=per_head, num_warps=num_warps or NUM_WARPS, **extra,
     )

@@ -170,7 +170,8 @@ class RewriteRopePass(GraphPass):
             key = (_structural_key(rot.cos), _structural_key(rot.sin), rot.layout, wb.dtype, wb.shape[:-2], wb.shape[-1])
             other = open_.pop(key, None)
             if other is not None:
-                inputs = [other.rotation.x, rot.x, rot.cos, rot.sin]
+                # the launch uses the first writeback's (equivalent) table nodes
+                inputs = [other.rotation.x, rot.x, other.rotation.cos, other.rotation.sin]
                 latest = max(order[n] for n in inputs)
                 first_use = min(order[u] for w in (other, wb) for u in w.out.users) if (other.out.users or wb.out.users) else len(order)
                 heads_ok = other.shape[-2] == wb.shape[-2] or all(

@@ -146,8 +146,8 @@ def _view_root(node: fx.Node) -> tuple[fx.Node, bool]:
 
 
 def _is_copy_target(node: fx.Node) -> bool:
-    """A slice whose value is never read: it only gives a copy its shape and dtype."""
-    return bool(node.users) and all(
+    """A slice whose value is never read: it only gives a copy its shape and dtype (or is dead)."""
+    return all(
         is_op(user, aten.copy.default) and user.args[0] is node and user.args[1] is not node
         for user in node.users
     )

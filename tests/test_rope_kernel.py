@@ -1,0 +1,127 @@
+"""The fused RoPE Triton kernel under TRITON_INTERPRET=1, and the op's checks and auto choice (CPU)."""
+
+import pytest
+import torch
+
+from fusewright.lowering import rope_ops, rope_triton
+
+BF16 = torch.bfloat16
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    ai, bi = a.view(torch.int16).int(), b.view(torch.int16).int()
+    ai = torch.where(ai < 0, -32768 - ai, ai)
+    bi = torch.where(bi < 0, -32768 - bi, bi)
+    return int((ai - bi).abs().max())
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+CASES = [
+    # q shape, k heads (None: single tensor), tables: "full" (Wan, sliced inline) or "half"
+    ((1, 9, 3, 16), 2, "full"),
+    ((2, 5, 2, 12), 2, "half"),   # D/2 = 6: not a power of two, masked columns
+    ((1, 7, 5, 32), None, "half"),
+    ((3, 4, 16), 4, "half"),      # 3-D x: padded to 4-D
+]
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("shape,hk,tables", CASES)
+def test_interpreted_kernel_within_one_ulp_of_reference(interpret, interleaved, shape, hk, tables):
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(shape, generator=g) * 4).to(BF16)
+    k = None if hk is None else torch.randn(shape[:-2] + (hk, shape[-1]), generator=g).to(BF16)
+    s, d = shape[-3], shape[-1]
+    ang = torch.rand(s, 1, d // 2, generator=g) * 6.28
+    if tables == "full":
+        fc, fs = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+        cos, sin = fc[..., 0::2], fs[..., 1::2]  # strided views, as Wan slices them
+    else:
+        cos, sin = ang.cos(), ang.sin()
+    outs = rope_ops.run_interpreted(q, k, cos, sin, interleaved)
+    for x, out in zip([q] + ([k] if k is not None else []), outs):
+        ref = rope_ops.rope_reference(x, cos, sin, interleaved)
+        # the interpreter truncates f32 -> bf16 where GPUs round to nearest even:
+        # one ulp at most (tests/test_rope_gpu.py checks bitwise on CUDA)
+        assert _ulps(out, ref) <= 1
+        assert (out != ref).float().mean() < 0.75
+
+
+def test_interpreted_kernel_small_blocks_and_strided_x(interpret):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 10, 16, generator=g).to(BF16).transpose(1, 2)  # [2, 10, 6, 16], strided
+    cos, sin = torch.randn(1, 10, 1, 8, generator=g), torch.randn(1, 10, 1, 8, generator=g)
+    # 16 elements per program: many programs, partial token and head blocks
+    (out,) = rope_ops.run_interpreted(x, None, cos, sin, True, elems=64, max_block_h=4)
+    assert _ulps(out, rope_ops.rope_reference(x, cos, sin, True)) <= 1
+
+
+def test_per_head_tables(interpret):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 3, 8, generator=g).to(BF16)
+    cos, sin = torch.randn(1, 4, 3, 4, generator=g), torch.randn(1, 4, 3, 4, generator=g)
+    (out,) = rope_ops.run_interpreted(q, None, cos, sin, False)
+    assert _ulps(out, rope_ops.rope_reference(q, cos, sin, False)) <= 1
+
+
+def test_launch_config_covers_every_head_and_token():
+    cfg = rope_triton.launch_config(n_tok=75600, hq=40, hk=40, half=64)
+    assert cfg["BLOCK_T"] * cfg["grid"][0] >= 75600
+    assert cfg["NQB"] * cfg["BLOCK_H"] >= 40 and cfg["grid"][1] == 2 * cfg["NQB"]
+    cfg = rope_triton.launch_config(n_tok=3, hq=5, hk=1, half=6)
+    assert cfg["BLOCK_HALF"] == 8 and cfg["BLOCK_T"] <= 4 and cfg["grid"][1] == cfg["NQB"] + 1
+
+
+def test_op_cpu_impl_is_the_reference_and_checks_inputs():
+    x = torch.randn(1, 3, 2, 8).to(BF16)
+    cos, sin = torch.randn(3, 1, 4), torch.randn(3, 1, 4)
+    assert torch.equal(torch.ops.fusewright.rope(x, cos, sin, True), rope_ops.rope_reference(x, cos, sin, True))
+    with pytest.raises(ValueError, match="even last dim"):
+        torch.ops.fusewright.rope(torch.randn(1, 3, 2, 7), cos, sin, True)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        torch.ops.fusewright.rope(x, torch.randn(5, 1, 4), sin, True)
+    with pytest.raises(ValueError, match="must share"):
+        torch.ops.fusewright.rope_qk(x, torch.randn(1, 3, 2, 8), cos, sin, True)  # dtype differs
+
+
+def test_reference_interleaved_matches_the_writeback_it_replaces():
+    x = torch.randn(2, 5, 3, 8).to(BF16)
+    cos, sin = torch.randn(5, 1, 4), torch.randn(5, 1, 4)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    assert torch.equal(rope_ops.rope_reference(x, cos, sin, True), out)
+
+
+# ------------------------------------------------------------------ auto
+def test_auto_uses_measured_rows_for_a_known_device(monkeypatch):
+    table = {
+        "measured": {"cpu": [
+            {"elements": 1000, "best": "triton", "best_without_triton": "aten"},
+            {"elements": 10**7, "best": "none", "best_without_triton": "none"},
+        ]},
+        "rules": {"default": {"with_kernel": "aten", "without_kernel": "aten", "why": "x"}},
+    }
+    monkeypatch.setattr(rope_ops, "auto_table", lambda: table)
+    cpu = torch.device("cpu")
+    assert rope_ops.choose_lowering(cpu, 2000, True)[0] == "triton"
+    assert rope_ops.choose_lowering(cpu, 2000, False)[0] == "aten"
+    choice, why = rope_ops.choose_lowering(cpu, 5 * 10**6, True)
+    assert choice == "none" and "measured on cpu" in why
+
+
+def test_auto_rule_without_measurements_is_documented():
+    table = rope_ops.auto_table()
+    for backend in ("cuda", "cpu", "default"):
+        rule = table["rules"][backend]
+        assert rule["with_kernel"] in ("triton", "aten", "none")
+        assert rule["without_kernel"] in ("aten", "none")
+        assert rule["why"] and "placeholder" not in rule["why"]
+    # CPU never picks the kernel (it would run the reference math eagerly)
+    choice, why = rope_ops.choose_lowering(torch.device("meta"), 10**6, True)
+    assert choice == table["rules"]["default"]["with_kernel"] and "rule for meta" in why
