@@ -6,14 +6,15 @@ the matched spelling's oddities (bf16 round trips around a clamp, transposed cop
 the scales, `reciprocal * C` for `C / a`) are gone. Step for step it is the reference
 (`norm_quant_reference.reference`), so executed eagerly it is bitwise equal to it.
 
-`emit` knows nothing of FX: it calls `ops.call(target, *args)` for every op and
-`ops.sizes(t)` for the sizes of the input. `EagerOps` runs the ops at once (for tests);
-the pass supplies an implementation that creates graph nodes instead.
+`emit_sequence` knows nothing of FX: it calls `emit(target, *args)` for every op (the
+lowering registry's convention: `registry.eager_emit` runs them at once, the pass's
+emit creates graph nodes). Dtypes come from the spec, and the leading sizes of x from
+`aten.sym_size.int`, so dynamic token counts work.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -24,44 +25,26 @@ prims = torch.ops.prims
 F32 = torch.float32
 
 
-class Ops(Protocol):
-    def call(self, target: Any, *args: Any, **kwargs: Any) -> Any: ...
+def emit_sequence(emit: Callable, spec: NormQuantSpec, x, weight, residual, scale, ndim: int) -> tuple:
+    """Outputs in the order of `spec.output_names()` (same shapes/layouts as the op).
 
-    def sizes(self, t: Any) -> list: ...
-
-    def dtype(self, t: Any) -> torch.dtype: ...
-
-
-class EagerOps:
-    """Runs each op immediately on real tensors."""
-
-    def call(self, target, *args, **kwargs):
-        return target(*args, **kwargs)
-
-    def sizes(self, t):
-        return list(t.shape)
-
-    def dtype(self, t):
-        return t.dtype
-
-
-def emit(spec: NormQuantSpec, x, weight, residual, scale, ops: Ops) -> tuple:
-    """Outputs in the order of `spec.output_names()` (same shapes/layouts as the op)."""
+    `ndim` is x's number of dims (the leading ones are read with `sym_size`).
+    """
     norm, quant = spec.norm, spec.quant
-    c = ops.call
+    c = emit
 
-    def cast(t, dtype):
-        return t if ops.dtype(t) == dtype else c(prims.convert_element_type.default, t, dtype)
+    def cast(t, have, want):
+        return t if have == want else c(prims.convert_element_type.default, t, want)
 
     new_residual = None
     if norm.residual == "none":
-        h = cast(x, F32)
+        h = cast(x, norm.input_dtype, F32)
     elif norm.residual == "input_dtype":
         new_residual = c(aten.add.Tensor, x, residual)
-        h = cast(new_residual, F32)
+        h = cast(new_residual, norm.input_dtype, F32)
     else:
-        h = c(aten.add.Tensor, cast(x, F32), cast(residual, F32))
-        new_residual = cast(h, norm.input_dtype)
+        h = c(aten.add.Tensor, cast(x, norm.input_dtype, F32), cast(residual, norm.input_dtype, F32))
+        new_residual = cast(h, F32, norm.input_dtype)
 
     var = c(aten.add.Tensor, c(aten.mean.dim, c(aten.mul.Tensor, h, h), [-1], True), norm.eps)
     if norm.inv == "rsqrt":
@@ -72,32 +55,35 @@ def emit(spec: NormQuantSpec, x, weight, residual, scale, ops: Ops) -> tuple:
         hr = c(aten.div.Tensor, h, c(aten.sqrt.default, var))
 
     fast = spec.numerics == "fast"
+    wd = norm.weight_dtype
     if norm.weight == "none":
         y_f32 = hr
-        y = cast(hr, norm.out_dtype)
+        y = cast(hr, F32, norm.out_dtype)
     elif norm.weight == "after_cast":
-        y = c(aten.mul.Tensor, cast(hr, norm.cast_dtype), weight)
-        y_f32 = c(aten.mul.Tensor, hr, cast(weight, F32)) if fast else None
+        y = c(aten.mul.Tensor, cast(hr, F32, norm.cast_dtype), weight)
+        y_f32 = c(aten.mul.Tensor, hr, cast(weight, wd, F32)) if fast else None
     elif norm.weight == "before_cast":
-        y_f32 = c(aten.mul.Tensor, hr, cast(weight, F32))
-        y = cast(y_f32, norm.out_dtype)
+        y_f32 = c(aten.mul.Tensor, hr, cast(weight, wd, F32))
+        y = cast(y_f32, F32, norm.out_dtype)
     else:
-        y_f32 = c(aten.mul.Tensor, hr, c(aten.add.Tensor, cast(weight, F32), 1.0))
-        y = cast(y_f32, norm.out_dtype)
+        y_f32 = c(aten.mul.Tensor, hr, c(aten.add.Tensor, cast(weight, wd, F32), 1.0))
+        y = cast(y_f32, F32, norm.out_dtype)
 
-    v = cast(y, F32)
+    v = cast(y, norm.out_dtype, F32)
     src = y_f32 if fast else v
     grouped = quant.kind == "fp8_per_group"
-    sizes = ops.sizes(x)
-    lead, hidden = sizes[:-1], sizes[-1]
+    lead = [c(aten.sym_size.int, x, d) for d in range(ndim - 1)]
+    # amax of y in its own dtype: rounding is monotonic, so this equals the amax of the
+    # rounded values even where Inductor's codegen keeps y in f32 registers.
+    yv = y
     if grouped:
         gs = quant.group_size
-        gshape = list(lead) + [hidden // gs, gs]
-        v = c(aten.reshape.default, v, gshape)
+        gshape = list(lead) + [-1, gs]
+        yv = c(aten.reshape.default, y, gshape)
         src = c(aten.reshape.default, src, gshape)
 
     if quant.dynamic:
-        a = cast(c(aten.amax.default, c(aten.abs.default, v), [-1], True), quant.scale_math_dtype)
+        a = cast(c(aten.amax.default, c(aten.abs.default, yv), [-1], True), norm.out_dtype, quant.scale_math_dtype)
         if quant.amax_ub is not None:
             a = c(aten.clamp_max.default, a, quant.amax_ub)
         if quant.floor is not None and quant.floor_on == "amax":
@@ -111,9 +97,9 @@ def emit(spec: NormQuantSpec, x, weight, residual, scale, ops: Ops) -> tuple:
             s = c(aten.clamp_min.default, s, quant.floor)
         if quant.ue8m0:
             s = c(aten.exp2.default, c(aten.ceil.default, c(aten.log2.default, s)))
-        s = cast(s, quant.scale_dtype)
+        s = cast(s, quant.scale_math_dtype, quant.scale_dtype)
     else:
-        s = cast(scale, F32)
+        s = scale  # float32 (the matcher declines other static scales)
 
     apply = "mul_recip" if fast and quant.apply == "div" else quant.apply
     if apply == "div":
@@ -129,13 +115,15 @@ def emit(spec: NormQuantSpec, x, weight, residual, scale, ops: Ops) -> tuple:
 
     outs = []
     if grouped:
-        q = c(aten.reshape.default, q, list(lead) + [hidden])
-        s = c(aten.reshape.default, s, list(lead) + [hidden // quant.group_size])
+        q = c(aten.reshape.default, q, list(lead) + [-1])
+        s = c(aten.reshape.default, s, list(lead) + [-1])
         if quant.col_major:
-            nd = len(lead) + 1
-            perm = [nd - 1] + list(range(nd - 1))
-            inv = list(range(1, nd)) + [0]
-            buf = c(aten.clone.default, c(aten.permute.default, s, perm), memory_format=torch.contiguous_format)
+            # a contiguous [G, ...] buffer seen through its transpose: flattening the
+            # permuted scales forces the copy (emit takes no memory_format keyword)
+            perm = [ndim - 1] + list(range(ndim - 1))
+            inv = list(range(1, ndim)) + [0]
+            flat = c(aten.reshape.default, c(aten.permute.default, s, perm), [-1])
+            buf = c(aten.reshape.default, flat, [-1] + list(lead))
             s = c(aten.permute.default, buf, inv)
     outs.append(q)
     if quant.dynamic:
@@ -148,5 +136,5 @@ def emit(spec: NormQuantSpec, x, weight, residual, scale, ops: Ops) -> tuple:
 
 
 def aten_sequence(spec: NormQuantSpec, x, weight, residual=None, scale=None) -> tuple:
-    """`emit` run eagerly on real tensors (for tests and for comparing with the reference)."""
-    return emit(spec, x, weight, residual, scale, EagerOps())
+    """The sequence run eagerly on real tensors (for tests and for comparing with the reference)."""
+    return emit_sequence(lambda op, *args: op(*args), spec, x, weight, residual, scale, x.dim())

@@ -16,6 +16,7 @@ that module imports, else the reference).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
@@ -83,31 +84,102 @@ def call(spec: NormQuantSpec, x, weight=None, residual=None, scale=None) -> list
     return torch.ops.fusewright.rms_norm_quant(x, weight, residual, scale, spec.to_str())
 
 
-def choose_lowering(spec: NormQuantSpec, device: torch.device, priority: tuple[str, ...]) -> str:
-    """Which implementation the pass splices in: "op" (the fused op) or "aten".
+# ------------------------------------------------------------------ lowering registry
+# Two implementations of the semantic op `rms_norm_quant` (tensors x, weight, residual,
+# scale; params: spec string, ndim of x): `aten`, the canonical sequence Inductor fuses
+# on its own, and `triton`, this fused op (its Triton kernel on CUDA, the reference on
+# CPU). `auto` picks between them by measurement on CUDA (lowering/auto.py) and uses
+# the aten sequence elsewhere.
 
-    `priority` is the config's list for `rms_norm_quant` (e.g. ("auto",), ("triton", "aten")).
-    `triton` means the fused op (on CPU it runs the reference). `auto` is the hook for
-    measurement-based choice: if `norm_quant_triton` defines `auto_choice(spec, device)`
-    returning "triton" / "aten" (from benchmarks), that decides; otherwise CUDA with a
-    Triton launcher uses the fused op and everything else the aten sequence, which
-    Inductor fuses on its own.
+
+def _build_aten(emit, tensors, params):
+    from .norm_quant_aten import emit_sequence
+
+    return emit_sequence(
+        emit,
+        NormQuantSpec.from_str(params["spec"]),
+        tensors["x"],
+        tensors.get("weight"),
+        tensors.get("residual"),
+        tensors.get("scale"),
+        int(params["ndim"]),
+    )
+
+
+def _build_op(emit, tensors, params):
+    spec = params["spec"]
+    out = emit(
+        torch.ops.fusewright.rms_norm_quant.default,
+        tensors["x"],
+        tensors.get("weight"),
+        tensors.get("residual"),
+        tensors.get("scale"),
+        spec,
+    )
+    return tuple(emit(operator.getitem, out, i) for i in range(len(NormQuantSpec.from_str(spec).output_names())))
+
+
+def _supported(call) -> str | None:
+    x = call.tensor("x")
+    try:
+        spec = NormQuantSpec.from_str(call.variant)
+    except ValueError as exc:
+        return f"bad spec: {exc}"
+    if x is None or x.dtype != spec.norm.input_dtype:
+        return "x's dtype differs from the spec's input dtype"
+    if x.shape and x.shape[-1] > 0:
+        try:
+            spec.check_hidden(x.shape[-1])
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _triton_source() -> str | None:
+    import importlib.util
+
+    found = importlib.util.find_spec(__package__ + ".norm_quant_triton")
+    return found.origin if found is not None else None
+
+
+def _register() -> None:
+    import os
+
+    from . import registry
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    registry.register(
+        "rms_norm_quant", "aten", _build_aten, supports=_supported,
+        source=os.path.join(here, "norm_quant_aten.py"), replace=True,
+    )
+    registry.register(
+        "rms_norm_quant", "triton", _build_op, supports=_supported, source=_triton_source(), replace=True,
+    )
+
+
+_register()
+
+
+def op_call(spec: NormQuantSpec, x, weight=None, residual=None, scale=None):
+    """The registry's description of one fused call (real or fake tensors)."""
+    from .registry import OpCall
+
+    return OpCall.make(
+        "rms_norm_quant",
+        {"x": x, "weight": weight, "residual": residual, "scale": scale},
+        variant=spec.to_str(),
+        spec=spec.to_str(),
+        ndim=x.dim(),
+    )
+
+
+def choose_lowering(spec: NormQuantSpec, x, weight=None, residual=None, scale=None, priority=("auto",)):
+    """The hook the pass asks which implementation to splice in: a `registry.Choice`.
+
+    `priority` is the config's list for `rms_norm_quant`; `auto` is decided by the
+    lowering registry's tuner (measured on CUDA, cached per shape class; the aten
+    sequence on CPU). Measurement-based choices for the Triton kernel plug in there.
     """
-    for choice in priority:
-        if choice == "aten":
-            return "aten"
-        if choice == "triton":
-            return "op"
-        if choice == "auto":
-            if device.type != "cuda":
-                return "aten"
-            try:
-                from . import norm_quant_triton
-            except Exception:  # noqa: BLE001 - no Triton: the aten sequence
-                return "aten"
-            hook = getattr(norm_quant_triton, "auto_choice", None)
-            picked = hook(spec, device) if hook is not None else None
-            if picked in ("triton", "aten"):
-                return "op" if picked == "triton" else "aten"
-            return "op" if _triton_launch() is not None else "aten"
-    return "aten"
+    from .registry import choose
+
+    return choose(op_call(spec, x, weight, residual, scale), priority)

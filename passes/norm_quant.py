@@ -24,7 +24,6 @@ reported as skips with the reason.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -40,22 +39,13 @@ aten = torch.ops.aten
 
 
 class _FxOps:
-    """`norm_quant_aten.Ops` that creates graph nodes (with fake metadata)."""
+    """Creates graph nodes (with fake metadata) for the reshapes the pass adds."""
 
     def __init__(self, graph: fx.Graph, like: fx.Node) -> None:
         self.graph, self.like = graph, like
 
     def call(self, target, *args, **kwargs):
         return insert_call(self.graph, target, args, kwargs, like=self.like)
-
-    def sizes(self, t):
-        out = []
-        for d, size in enumerate(tensor_meta(t).shape):
-            out.append(size if isinstance(size, int) else self.call(aten.sym_size.int, t, d))
-        return out
-
-    def dtype(self, t):
-        return tensor_meta(t).dtype
 
 
 class NormQuantPass(GraphPass):
@@ -85,13 +75,17 @@ class NormQuantPass(GraphPass):
                     continue
                 for other in match.other_declines:
                     ctx.skipped(f"second quantization of the same norm left in place: {other.reason}", other.node)
-                device = tensor_meta(match.norm.x).device
-                lowering = norm_quant_ops.choose_lowering(
-                    match.spec, device, ctx.config.lowering.priority("rms_norm_quant")
+                norm = match.norm
+                fake = [tensor_meta(n) if n is not None else None for n in (norm.x, norm.weight, norm.residual, match.static_scale)]
+                choice = norm_quant_ops.choose_lowering(
+                    match.spec, *fake, priority=ctx.config.lowering.priority("rms_norm_quant")
                 )
-                self._rewrite(graph, match, lowering)
+                if choice.impl is None:
+                    ctx.skipped(f"no rms_norm_quant implementation applies ({choice.reason})", mean)
+                    continue
+                self._rewrite(graph, match, choice.impl, fake[0].dim())
                 changed = True
-                ctx.rewritten(detail=f"{match.spec.describe()} ({lowering})")
+                ctx.rewritten(detail=f"{match.spec.describe()} -> {choice.name}")
         if changed:
             from torch._inductor.pattern_matcher import stable_topological_sort
 
@@ -99,25 +93,17 @@ class NormQuantPass(GraphPass):
             # (a weight computed late) is put back in order here.
             stable_topological_sort(graph)
 
-    def _rewrite(self, graph: fx.Graph, m: nq_patterns.NormQuantMatch, lowering: str) -> None:
+    def _rewrite(self, graph: fx.Graph, m: nq_patterns.NormQuantMatch, impl, ndim: int) -> None:
         spec = m.spec
         norm = m.norm
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = min((n for n in norm.nodes if n in order), key=order.__getitem__)
         inputs = (norm.x, norm.weight, norm.residual, m.static_scale)
         with graph.inserting_before(first):
-            if lowering == "op":
-                call = insert_call(
-                    graph,
-                    torch.ops.fusewright.rms_norm_quant.default,
-                    (*inputs, spec.to_str()),
-                    like=norm.mean,
-                )
-                outs = [insert_call(graph, operator.getitem, (call, i), like=norm.mean) for i in range(len(spec.output_names()))]
-            else:
-                outs = list(norm_quant_aten.emit(spec, *inputs, _FxOps(graph, norm.mean)))
-            named = dict(zip(spec.output_names(), outs))
             ops = _FxOps(graph, norm.mean)
+            tensors = dict(zip(("x", "weight", "residual", "scale"), inputs))
+            outs = list(impl.build(ops.call, tensors, {"spec": spec.to_str(), "ndim": ndim}))
+            named = dict(zip(spec.output_names(), outs))
             for t in m.tails:
                 q_new = named["q"]
                 if t.q_view_args is not None:

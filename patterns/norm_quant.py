@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..lowering.norm_quant_spec import NormQuantSpec
 from .quant import QuantTailMatch, find_tails
-from .rms_norm import Decline, RMSNormMatch, find_anchors, match_rms_norm, tensor_meta
+from .rms_norm import Decline, RMSNormMatch, find_anchors, match_rms_norm, static_int, tensor_meta
 
 __all__ = ["Decline", "NormQuantMatch", "find_anchors", "match_norm_quant"]
 
@@ -49,9 +49,9 @@ def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch |
     norm = match_rms_norm(mean)
     if norm is None:
         return None
-    hidden = tensor_meta(mean.args[0]).shape[-1]
     if isinstance(norm, Decline):
         return norm
+    hidden = static_int(tensor_meta(mean.args[0]).shape[-1])
     values, tails = find_tails(norm.out, hidden)
     good = [t for t in tails if isinstance(t, QuantTailMatch)]
     bad = [t for t in tails if isinstance(t, Decline)]

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..lowering.norm_quant_spec import FP8, QuantSpec, round_to
 from ..passes.graph_utils import is_op, tensor_meta
-from .rms_norm import Decline, can_hold, dtype_of, exact_upcast, is_convert
+from .rms_norm import Decline, can_hold, dtype_of, exact_upcast, is_convert, static_int
 
 aten = torch.ops.aten
 F32 = torch.float32
@@ -88,7 +88,7 @@ def value_nodes(y: fx.Node, hidden: int) -> list[Value]:
                 out.append(Value(user, cur.gs, cur.view_args))
             elif is_op(user, *_RESHAPES) and cur.gs == hidden:
                 val = tensor_meta(user)
-                last = val.shape[-1] if val is not None and val.dim() else None
+                last = static_int(val.shape[-1]) if val is not None and val.dim() else None
                 if isinstance(last, int) and last > 0 and hidden % last == 0:
                     out.append(Value(user, last, tuple(user.args[1])))
                 elif isinstance(last, int) and last > 0 and last < hidden:

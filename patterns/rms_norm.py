@@ -101,6 +101,26 @@ def can_hold(dst: torch.dtype, src: torch.dtype) -> bool:
     return False
 
 
+def static_int(value) -> int | None:
+    """`value` as a Python int if it is one, or a SymInt the shape env has pinned to one."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+        if is_concrete_int(value):
+            return int(value)
+        expr = value.node.expr
+        try:
+            # a dim the shape env specialised (e.g. by a broadcast against a weight)
+            replaced = value.node.shape_env.replace(expr)
+            if replaced.is_number:
+                return int(replaced)
+        except Exception:  # noqa: BLE001 - no shape env: truly symbolic
+            pass
+    return None
+
+
 def _scalar(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -122,9 +142,9 @@ def _other(node: fx.Node, this) -> object:
 def _is_weight_like(node, hidden: int) -> bool:
     """A [H] tensor (or [1, ..., 1, H]): broadcast over tokens, one value per channel."""
     val = tensor_meta(node)
-    if val is None or val.dim() < 1 or val.shape[-1] != hidden:
+    if val is None or val.dim() < 1 or static_int(val.shape[-1]) != hidden:
         return False
-    return all(s == 1 for s in val.shape[:-1]) and val.dtype in (F32,) + _LOW
+    return all(static_int(s) == 1 for s in val.shape[:-1]) and val.dtype in (F32,) + _LOW
 
 
 def find_anchors(graph: fx.Graph) -> list[fx.Node]:
@@ -154,9 +174,9 @@ def match_rms_norm(mean: fx.Node) -> RMSNormMatch | Decline | None:
         return Decline("variance mean without keepdim", mean)
     if dtype_of(h) != F32:
         return Decline(f"variance computed in {dtype_of(h)}, not float32", mean)
-    hidden = tensor_meta(h).shape[-1]
-    if not isinstance(hidden, int):
-        return Decline("hidden size is symbolic", mean)
+    hidden = static_int(tensor_meta(h).shape[-1])
+    if hidden is None:
+        return Decline("hidden size is symbolic (only the token count may be dynamic)", mean)
 
     # eps
     if len(mean.users) != 1:
