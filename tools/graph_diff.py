@@ -1,76 +1,413 @@
-"""Compile a model with fusewright off and on, and compare kernels and outputs."""
+"""graph-diff: which kernels a rewrite removed, which no-op kernels remain, do outputs agree.
+
+Two ways in, one report out:
+
+* live (`live_diff`): compile a model twice with Inductor (fusewright off, then on),
+  Dynamo reset and caches off before each; keep every compiled graph's post-grad FX
+  graph (around the passes) and output code; run both on the example inputs.
+* offline (`offline_diff`): two sets of output code (files, `TORCH_LOGS` logs or debug
+  directories) from anywhere; no plugin involved. One set alone (`single_report`) lists
+  kernels and flags no-ops.
+
+:class:`GraphDiffReport` holds both sides' kernels, the kernel diff (matched by what
+kernels compute: kernel signature, then kind and fused ops; never by numbered names),
+the FX graph diff, the pass counts and the numerics, and writes the JSON report whose
+top-level keys the design brief fixes: `before`/`after` (`kernel_count`,
+`noop_kernel_count`, `kernels[]` with `name`, `kind`, `is_noop`), `rewrites`,
+`numerics` (`max_abs_diff`, `ok`). Further keys only add to that.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..passes.api import inductor_options
 from ..passes.config import PassConfig
-from ..passes.report import last_report
-from .output_code import Kernel, parse_kernels
+from .fx_diff import GraphDiff, diff_graph_lists
+from .output_code import Kernel, OutputCode, OutputCodeError, load_output_codes, parse_output_code, summarize
+
+SCHEMA_VERSION = 1
+DEFAULT_TARGET = "fusewright.tools.example:example"
+
+
+class GraphDiffError(Exception):
+    """Bad input for graph-diff: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- sides
+@dataclasses.dataclass
+class Side:
+    """One compile (live) or one set of output-code files (offline)."""
+
+    label: str
+    codes: list[OutputCode]
+    graphs_before: list = dataclasses.field(default_factory=list)  # post-grad FX, before the passes
+    graphs_after: list = dataclasses.field(default_factory=list)  # post-grad FX, after the passes
+    outputs: Any = None
+
+    @property
+    def kernels(self) -> list[Kernel]:
+        return [k for code in self.codes for k in code.kernels]
+
+    @property
+    def estimated_bytes(self) -> int | None:
+        known = [k.bytes for k in self.kernels if k.bytes is not None]
+        return sum(known) if known else None
+
+    def summary(self) -> dict[str, Any]:
+        out = summarize(self.kernels)
+        out["graph_count"] = len(self.codes)
+        out["estimated_bytes"] = self.estimated_bytes
+        out["sources"] = [c.label for c in self.codes]
+        return out
+
+
+# ----------------------------------------------------------------------------- kernel diff
+@dataclasses.dataclass
+class KernelMatch:
+    status: str  # unchanged (same body), changed (same role, different body), removed, added
+    before: Kernel | None
+    after: Kernel | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "before": self.before.name if self.before else None,
+                "after": self.after.name if self.after else None,
+                "kind": (self.after or self.before).kind}
+
+
+def _stem(name: str) -> str:
+    import re
+
+    return re.sub(r"_\d+$", "", name)
+
+
+def match_kernels(before: list[Kernel], after: list[Kernel]) -> list[KernelMatch]:
+    """Pair kernels by what they compute. Numbered names are never compared as such."""
+    free_b = list(range(len(before)))
+    pairs: dict[int, tuple[str, int]] = {}  # after index -> (status, before index)
+
+    def take(ai: int, pred, status: str) -> None:
+        # prefer a kernel of the same compiled graph, then any
+        for same_graph in (True, False):
+            for bi in free_b:
+                if (not same_graph or before[bi].graph == after[ai].graph) and pred(before[bi], after[ai]):
+                    free_b.remove(bi)
+                    pairs[ai] = (status, bi)
+                    return
+
+    for ai in range(len(after)):
+        take(ai, lambda b, a: b.signature and b.signature == a.signature, "unchanged")
+    for ai in range(len(after)):
+        if ai not in pairs:
+            take(ai, lambda b, a: b.kind == a.kind and _stem(b.name) == _stem(a.name), "changed")
+    for ai in range(len(after)):
+        if ai not in pairs:
+            def similar(b: Kernel, a: Kernel) -> bool:
+                sb, sa = set(b.ops), set(a.ops)
+                return b.kind == a.kind and bool(sb | sa) and len(sb & sa) / len(sb | sa) >= 0.6
+            take(ai, similar, "changed")
+    out: list[KernelMatch] = []
+    matched_b = {bi: ai for ai, (_, bi) in pairs.items()}
+    # in "before" order, with added kernels after the matched kernel launched just before them
+    emitted_a: set[int] = set()
+    for bi, kb in enumerate(before):
+        if bi in matched_b:
+            ai = matched_b[bi]
+            for prev in range(ai):
+                if prev not in pairs and prev not in emitted_a and all(
+                        p in emitted_a or p in pairs for p in range(prev)):
+                    out.append(KernelMatch("added", None, after[prev]))
+                    emitted_a.add(prev)
+            out.append(KernelMatch(pairs[ai][0], kb, after[ai]))
+            emitted_a.add(ai)
+        else:
+            out.append(KernelMatch("removed", kb, None))
+    for ai, ka in enumerate(after):
+        if ai not in emitted_a:
+            out.append(KernelMatch("added", None, ka))
+    return out
+
+
+# ----------------------------------------------------------------------------- numerics
+# (rtol, atol) per output dtype: torch.testing's defaults; fp8 one e4m3 step
+_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+               torch.float64: (1e-7, 1e-7), torch.complex64: (1.3e-6, 1e-5)}
+_FP8_TOL = (0.125, 1e-3)
 
 
 @dataclasses.dataclass
-class CompileCapture:
-    outputs: Any
-    codes: list[str]
-    kernels: list[Kernel]
+class Numerics:
+    max_abs_diff: float | None
+    ok: bool | None
+    bitwise: bool | None = None
+    detail: str | None = None  # why not ok
+    rtol: float | None = None
+    atol: float | None = None
 
-    def summary(self) -> dict:
-        return {
-            "kernel_count": len(self.kernels),
-            "noop_kernel_count": sum(k.is_noop for k in self.kernels),
-            "kernels": [k.to_dict() for k in self.kernels],
-        }
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "ok": self.ok, "bitwise": self.bitwise,
+                "detail": self.detail, "rtol": self.rtol, "atol": self.atol}
 
 
+def compare_outputs(ref: Any, new: Any, rtol: float | None = None, atol: float | None = None) -> Numerics:
+    """max |ref - new| over all floating outputs, and whether every output is within tolerance."""
+    ref_leaves, ref_spec = torch.utils._pytree.tree_flatten(ref)
+    new_leaves, new_spec = torch.utils._pytree.tree_flatten(new)
+    if ref_spec != new_spec:
+        return Numerics(None, False, False, "outputs differ in structure", rtol, atol)
+    worst, ok, bitwise, detail = 0.0, True, True, None
+    for i, (x, y) in enumerate(zip(ref_leaves, new_leaves)):
+        if not isinstance(x, torch.Tensor):
+            if x != y:
+                ok = bitwise = False
+                detail = detail or f"output {i}: {x!r} != {y!r}"
+            continue
+        if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+            ok = bitwise = False
+            detail = detail or f"output {i}: {tuple(x.shape)} {x.dtype} vs " + (
+                f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__)
+            continue
+        xs, ys = x.detach().cpu(), y.detach().cpu()
+        if x.dtype.is_floating_point and x.dtype.itemsize == 1:
+            xs, ys = xs.float(), ys.float()
+            r, a = _FP8_TOL
+        else:
+            r, a = _TOLERANCES.get(x.dtype, (0.0, 0.0))
+        r, a = (rtol if rtol is not None else r), (atol if atol is not None else a)
+        if not (xs.is_floating_point() or xs.is_complex()):
+            equal = torch.equal(xs, ys)
+            bitwise &= equal
+            if not equal:
+                ok = False
+                detail = detail or f"output {i}: integer values differ"
+                worst = max(worst, float((xs.long() - ys.long()).abs().max()))
+            continue
+        xf, yf = xs.double(), ys.double()
+        nan_x, nan_y = xf.isnan(), yf.isnan()
+        same = torch.equal(xs.view(torch.uint8) if xs.dtype.itemsize == 1 else xs, ys.view(torch.uint8)
+                           if ys.dtype.itemsize == 1 else ys) or bool(((xf == yf) | (nan_x & nan_y)).all())
+        bitwise &= same
+        if not torch.equal(nan_x, nan_y):
+            ok = False
+            detail = detail or f"output {i}: NaN in different places"
+        diff = (xf - yf).abs().masked_fill(nan_x & nan_y, 0).nan_to_num(nan=float("inf"))
+        if diff.numel():
+            worst = max(worst, float(diff.max()))
+            bad = diff > a + r * yf.abs().nan_to_num(nan=0.0)
+            if bool(bad.any()):
+                ok = False
+                detail = detail or f"output {i}: {int(bad.sum())} of {diff.numel()} elements beyond rtol={r:g} atol={a:g}"
+    return Numerics(worst, ok, bitwise, detail, rtol, atol)
+
+
+# ----------------------------------------------------------------------------- report
 @dataclasses.dataclass
-class LiveDiff:
-    before: CompileCapture
-    after: CompileCapture
-    rewrites: dict[str, int]
-    max_abs_diff: float
-    ok: bool
+class GraphDiffReport:
+    mode: str  # live, offline, single
+    before: Side
+    after: Side | None
+    kernel_diff: list[KernelMatch] = dataclasses.field(default_factory=list)
+    fx: list[GraphDiff] = dataclasses.field(default_factory=list)
+    rewrites: dict[str, int] = dataclasses.field(default_factory=dict)
+    passes: dict[str, Any] = dataclasses.field(default_factory=dict)  # fusewright's Report.to_dict()
+    numerics: Numerics = dataclasses.field(default_factory=lambda: Numerics(None, None))
+    target: str | None = None
+    device: str | None = None
+    config: dict[str, Any] | None = None
+    # Room for later sections (per-op lowering, per-rank code): extra[name] = JSON-able data.
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def counts(self, status: str) -> int:
+        return sum(m.status == status for m in self.kernel_diff)
+
+    def to_dict(self) -> dict[str, Any]:
+        empty = {"kernel_count": 0, "noop_kernel_count": 0, "kernels": []}
         return {
+            "schema_version": SCHEMA_VERSION,
+            "mode": self.mode,
+            "target": self.target,
+            "device": self.device,
             "before": self.before.summary(),
-            "after": self.after.summary(),
-            "rewrites": self.rewrites,
-            "numerics": {"max_abs_diff": self.max_abs_diff, "ok": self.ok},
+            "after": self.after.summary() if self.after else empty,
+            "rewrites": dict(self.rewrites),
+            "numerics": self.numerics.to_dict(),
+            "kernel_diff": {
+                "removed": self.counts("removed"), "added": self.counts("added"),
+                "changed": self.counts("changed"), "unchanged": self.counts("unchanged"),
+                "matches": [m.to_dict() for m in self.kernel_diff],
+            },
+            "fx_diff": [g.to_dict() for g in self.fx],
+            "passes": self.passes,
+            "config": self.config,
+            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            **self.extra,
         }
 
 
-def compile_and_capture(fn: Callable, inputs: Sequence[Any], options: dict | None, dynamic: bool | None = None) -> CompileCapture:
-    """Compile `fn` with fresh Dynamo state and no caches; run it once; keep its output code."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
+# ----------------------------------------------------------------------------- targets
+def load_target(spec: str | None, device: str | None = None) -> tuple[Callable, tuple, dict]:
+    """`path/to/file.py:factory` or `package.module:factory` -> (fn, args, kwargs).
 
-    torch._dynamo.reset()
-    with inductor_config.patch({"fx_graph_cache": False, "fx_graph_remote_cache": False}):
-        compiled = torch.compile(fn, options=options or {}, dynamic=dynamic)
-        with torch.no_grad():
-            outputs, codes = run_and_get_code(compiled, *inputs)
-    kernels = [k for code in codes for k in parse_kernels(code)]
-    return CompileCapture(outputs, list(codes), kernels)
+    The factory returns `(model_or_fn, example_inputs)`; inputs may be a tuple/list of
+    positional arguments, a dict of keyword arguments, or a single tensor. A factory with
+    a `device` parameter is given `--device`; otherwise the model and tensor inputs are
+    moved there when `--device` is set.
+    """
+    spec = spec or DEFAULT_TARGET
+    if ":" not in spec:
+        raise GraphDiffError(f"target '{spec}': expected path/to/file.py:factory or package.module:factory")
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise GraphDiffError(f"target '{spec}': expected path/to/file.py:factory or package.module:factory")
+    try:
+        if where.endswith(".py") or "/" in where or "\\" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise GraphDiffError(f"target '{spec}': no such file {where}")
+            name = f"_fusewright_target_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            module = importlib.import_module(where)
+    except GraphDiffError:
+        raise
+    except Exception as exc:
+        raise GraphDiffError(f"target '{spec}': cannot import {where}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise GraphDiffError(f"target '{spec}': {where} has no callable '{attr}'")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    try:
+        result = factory(device=device) if "device" in params else factory()
+    except Exception as exc:
+        raise GraphDiffError(f"target '{spec}': factory raised {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and callable(result[0])):
+        raise GraphDiffError(f"target '{spec}': factory must return (model_or_fn, example_inputs), "
+                             f"got {type(result).__name__}")
+    fn, inputs = result
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        raise GraphDiffError(f"target '{spec}': example_inputs must be a tuple, list, dict or tensor, "
+                             f"got {type(inputs).__name__}")
+    if device and "device" not in params:
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+        if isinstance(fn, torch.nn.Module):
+            fn = fn.to(device)
+        args = tuple(torch.utils._pytree.tree_map(move, list(args)))
+        kwargs = torch.utils._pytree.tree_map(move, kwargs)
+    return fn, args, kwargs
 
 
-def max_abs_diff(a: Any, b: Any) -> float:
-    worst = 0.0
-    for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            diff = (x.float() - y.float()).abs().nan_to_num(nan=float("inf"))
-            worst = max(worst, diff.max().item() if diff.numel() else 0.0)
-    return worst
+# ----------------------------------------------------------------------------- live
+def _clone_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+    return tuple(torch.utils._pytree.tree_map(clone, list(args))), torch.utils._pytree.tree_map(clone, kwargs)
 
 
-def live_diff(fn: Callable, inputs: Sequence[Any], config: PassConfig, atol: float = 0.0,
-              dynamic: bool | None = None) -> LiveDiff:
-    before = compile_and_capture(fn, inputs, None, dynamic)
-    after = compile_and_capture(fn, inputs, inductor_options(config), dynamic)
-    rewrites = last_report().rewrites()
-    diff = max_abs_diff(before.outputs, after.outputs)
-    return LiveDiff(before, after, rewrites, diff, diff <= atol)
+def live_diff(fn: Callable, inputs: Sequence[Any], config: PassConfig | None = None, *,
+              kwargs: dict | None = None, dynamic: bool | None = None, rtol: float | None = None,
+              atol: float | None = None, progress: Callable[[str], None] | None = None,
+              target: str | None = None, device: str | None = None) -> GraphDiffReport:
+    """Compile `fn` with fusewright off, then on; compare kernels, graphs and outputs."""
+    from ..testing import compile_and_capture
+
+    step = progress or (lambda msg: None)
+    config = PassConfig.resolve(config)
+    kwargs = kwargs or {}
+    runs = []
+    for label, enable in (("stock Inductor", False), ("fusewright", True)):
+        step(f"compiling with {label}")
+        args, kw = _clone_inputs(tuple(inputs), kwargs)
+        bound = (lambda *a, _kw=kw: fn(*a, **_kw)) if kw else fn
+        try:
+            runs.append(compile_and_capture(bound, args, config, enable=enable, dynamic=dynamic))
+        except Exception as exc:
+            raise GraphDiffError(f"compiling with {label} failed: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    step("reading output code")
+    sides = []
+    for (label, _), run in zip((("before", 0), ("after", 1)), runs):
+        codes = [parse_output_code(code, f"{label} graph {i}", graph=i) for i, code in enumerate(run.codes)]
+        sides.append(Side(label, codes, run.graphs_before, run.graphs_after, run.outputs))
+    before, after = sides
+    step("diffing")
+    report = GraphDiffReport(
+        mode="live", before=before, after=after,
+        kernel_diff=match_kernels(before.kernels, after.kernels),
+        fx=diff_graph_lists(after.graphs_before, after.graphs_after),
+        rewrites=runs[1].report.rewrites(), passes=runs[1].report.to_dict(),
+        numerics=compare_outputs(before.outputs, after.outputs, rtol, atol),
+        target=target, device=device, config=config.to_dict() if hasattr(config, "to_dict") else None,
+    )
+    return report
+
+
+# ----------------------------------------------------------------------------- offline
+def _load(path: str) -> list[OutputCode]:
+    try:
+        return load_output_codes(path)
+    except OutputCodeError as exc:
+        raise GraphDiffError(str(exc)) from None
+
+
+def offline_diff(before_path: str, after_path: str) -> GraphDiffReport:
+    """Diff two sets of output code: files, TORCH_LOGS logs or debug directories."""
+    before = Side("before", _load(before_path))
+    after = Side("after", _load(after_path))
+    return GraphDiffReport(mode="offline", before=before, after=after,
+                           kernel_diff=match_kernels(before.kernels, after.kernels),
+                           target=f"{before_path} -> {after_path}")
+
+
+def single_report(path: str) -> GraphDiffReport:
+    """One set of output code: its kernels and no-op flags (no diff)."""
+    side = Side("code", _load(path))
+    return GraphDiffReport(mode="single", before=side, after=None, target=path)
+
+
+# ----------------------------------------------------------------------------- expectations
+def check_expectations(report: GraphDiffReport, *, no_noop: bool = False, fewer_kernels: bool = False,
+                       rewrites: dict[str, int] | None = None, close: bool = False) -> list[str]:
+    """Unmet expectations, each as one sentence naming what was expected and what was found."""
+    unmet = []
+    final = report.after or report.before
+    if no_noop:
+        noops = [k for k in final.kernels if k.is_noop]
+        if noops:
+            names = ", ".join(k.name for k in noops[:5]) + (" ..." if len(noops) > 5 else "")
+            unmet.append(f"--expect-no-noop: {len(noops)} no-op kernel(s) remain: {names}")
+    if fewer_kernels:
+        if report.after is None:
+            unmet.append("--expect-fewer-kernels needs two sides to compare")
+        elif len(report.after.kernels) >= len(report.before.kernels):
+            unmet.append(f"--expect-fewer-kernels: kernels {len(report.before.kernels)} -> "
+                         f"{len(report.after.kernels)}, not fewer")
+    for name, want in (rewrites or {}).items():
+        got = report.rewrites.get(name, 0)
+        if got != want:
+            unmet.append(f"--expect-rewrites {name}={want}: got {got}")
+    if close and report.numerics.ok is False:
+        unmet.append(f"--expect-close: outputs differ (max abs diff {report.numerics.max_abs_diff:g}; "
+                     f"{report.numerics.detail})")
+    return unmet

@@ -1,0 +1,167 @@
+"""Diff two FX graphs with networkx: nodes and edges removed and added, by source line.
+
+The two graphs are the post-grad graph of one compiled graph before and after
+fusewright's passes. Within one compile, untouched nodes keep their names (the pass
+manager preserves them), so a node is matched first by (name, op, target); a node a
+pass re-created with a new name but the same target and the same (matched) inputs is
+then matched structurally, in topological order. What is left is removed (before only)
+or added (after only). Edges are compared on the matched nodes, so a user whose input
+was rewired shows as unchanged with one edge removed and one added.
+
+The result is a networkx `DiGraph` holding the union of both graphs; each node and
+edge carries `status` in {"removed", "added", "unchanged"}. Renderers and the JSON
+report read only that graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..passes.graph_utils import source_line
+
+REMOVED, ADDED, UNCHANGED = "removed", "added", "unchanged"
+
+
+def target_name(node: fx.Node) -> str:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        ns = target.namespace
+        name = f"{target._opname}.{target._overloadname}" if target._overloadname != "default" else target._opname
+        return name if ns == "aten" else f"{ns}.{name}"
+    return getattr(target, "__name__", str(target))
+
+
+def _val_text(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    parts = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            dtype = str(v.dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "f32") \
+                .replace("float16", "f16").replace("float8_e4m3fn", "f8e4m3")
+            parts.append(f"{dtype}{list(v.shape)}".replace(" ", ""))
+    return ", ".join(parts[:2]) + (" ..." if len(parts) > 2 else "")
+
+
+def short_source(node: fx.Node) -> str | None:
+    """`file.py:LINE in fn: code` with the file's directory dropped."""
+    line = source_line(node)
+    if not line:
+        return None
+    path, rest = line.split(":", 1)
+    return os.path.basename(path) + ":" + rest
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """One FX graph as a DiGraph: node per FX node (by name), edge per input use."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name, op=node.op, target=target_name(node), val=_val_text(node),
+                   source=short_source(node))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def _flat_inputs(node: fx.Node) -> list[str]:
+    out: list[str] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n.name))
+    return out
+
+
+@dataclasses.dataclass
+class GraphDiff:
+    """The diff of one compiled graph (index `graph`) before and after the passes."""
+
+    graph: int
+    union: nx.DiGraph
+
+    def nodes(self, status: str) -> list[str]:
+        return [n for n, d in self.union.nodes(data=True) if d["status"] == status]
+
+    def edges(self, status: str) -> list[tuple[str, str]]:
+        return [(u, v) for u, v, d in self.union.edges(data=True) if d["status"] == status]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.nodes(REMOVED) or self.nodes(ADDED) or self.edges(REMOVED) or self.edges(ADDED))
+
+    def by_source(self) -> list[dict[str, Any]]:
+        """Removed and added nodes grouped by the model source line they come from."""
+        groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: {REMOVED: [], ADDED: []})
+        for n, d in self.union.nodes(data=True):
+            if d["status"] in (REMOVED, ADDED) and d["op"] not in ("placeholder", "output"):
+                groups[d.get("source") or "(no stack trace)"][d["status"]].append(d["target"])
+        return [{"source": src, "removed": sorted(v[REMOVED]), "added": sorted(v[ADDED])}
+                for src, v in sorted(groups.items())]
+
+    def to_dict(self) -> dict[str, Any]:
+        label = lambda n: self.union.nodes[n]["name"]
+        return {
+            "graph": self.graph,
+            "nodes": {s: sorted(label(n) for n in self.nodes(s)) for s in (REMOVED, ADDED)}
+            | {"unchanged_count": len(self.nodes(UNCHANGED))},
+            "edges": {s: sorted([label(u), label(v)] for u, v in self.edges(s)) for s in (REMOVED, ADDED)},
+            "by_source": self.by_source(),
+        }
+
+
+def diff_graphs(before: fx.Graph, after: fx.Graph, graph: int = 0) -> GraphDiff:
+    b_nodes = {n.name: n for n in before.nodes}
+    a_nodes = {n.name: n for n in after.nodes}
+    b_to_a: dict[str, str] = {}
+    for name, bn in b_nodes.items():
+        an = a_nodes.get(name)
+        if an is not None and an.op == bn.op and target_name(an) == target_name(bn):
+            b_to_a[name] = name
+    # structural matching of what is left, inputs first
+    matched_a = set(b_to_a.values())
+    union_id = lambda side, name: ("=" + (b_to_a[name] if side == "b" else name)) if (
+        (side == "b" and name in b_to_a) or (side == "a" and name in matched_a)) else f"{side}:{name}"
+    changed = True
+    while changed:
+        changed = False
+        free_b: dict[tuple, list[str]] = defaultdict(list)
+        for name, bn in b_nodes.items():
+            if name not in b_to_a and bn.op == "call_function":
+                key = (bn.op, target_name(bn), _val_text(bn), tuple(union_id("b", i) for i in _flat_inputs(bn)))
+                free_b[key].append(name)
+        for name, an in a_nodes.items():
+            if name in matched_a or an.op != "call_function":
+                continue
+            key = (an.op, target_name(an), _val_text(an), tuple(union_id("a", i) for i in _flat_inputs(an)))
+            if free_b.get(key):
+                b_to_a[free_b[key].pop(0)] = name
+                matched_a.add(name)
+                changed = True
+    union = nx.DiGraph()
+
+    def add(node: fx.Node, uid: str, status: str) -> None:
+        union.add_node(uid, name=node.name, op=node.op, target=target_name(node), val=_val_text(node),
+                       source=short_source(node), status=status)
+
+    for name, bn in b_nodes.items():
+        add(bn, union_id("b", name), UNCHANGED if name in b_to_a else REMOVED)
+    for name, an in a_nodes.items():
+        if name not in matched_a:
+            add(an, union_id("a", name), ADDED)
+    b_edges = {(union_id("b", i), union_id("b", n)) for n, bn in b_nodes.items() for i in _flat_inputs(bn)}
+    a_edges = {(union_id("a", i), union_id("a", n)) for n, an in a_nodes.items() for i in _flat_inputs(an)}
+    for u, v in b_edges | a_edges:
+        status = UNCHANGED if (u, v) in b_edges and (u, v) in a_edges else REMOVED if (u, v) in b_edges else ADDED
+        union.add_edge(u, v, status=status)
+    return GraphDiff(graph, union)
+
+
+def diff_graph_lists(before: list[fx.Graph], after: list[fx.Graph]) -> list[GraphDiff]:
+    """Pair the compiled graphs by index (one compile: same graph breaks on both sides)."""
+    return [diff_graphs(b, a, i) for i, (b, a) in enumerate(zip(before, after))]
