@@ -260,7 +260,9 @@ _builtins_loaded = False
 
 # Modules that register built-in implementations when imported. Other lowering
 # modules plug in by adding their name here (or by calling `register` at import).
-BUILTIN_LOWERING_MODULES: tuple[str, ...] = ("fusewright.lowering.rms_norm_aten",)
+# Listing them (rather than relying on whoever imports them first) keeps `uuid()` the
+# same in every process.
+BUILTIN_LOWERING_MODULES: tuple[str, ...] = ("fusewright.lowering.rms_norm_aten", "fusewright.lowering.norm_quant_ops")
 
 
 def _load_builtins() -> None:

@@ -19,7 +19,7 @@ repetition (256 MB written), and the figure is the median of CUDA-event times. M
 bytes: 3TH (bf16 x read, fp8 q written) + 4T (f32 scales). On CPU (a dry run) wall-clock
 medians. Output: a table on stdout and, with --json, every figure.
 
-    python -m fusewright.tools.bench_deopaque [--device cuda] [--tokens 256,16384] [--hidden 7168]
+    python -m fusewright.tools.bench_deopaque [--device cuda] [--tokens 16384,256] [--hidden 7168]
 """
 
 from __future__ import annotations
@@ -112,12 +112,19 @@ def _compile(fn, config):
     return torch.compile(fn, options=options, dynamic=False)
 
 
-def bench(device: str, tokens: list[int], hidden: int, reps: int, budget_s: float) -> dict:
+def bench(device: str, tokens: list[int], hidden: int, reps: int, budget_s: float, on_row=None) -> dict:
     import fusewright
 
     started = time.time()
     timer = _timer(device, reps)
     rows = []
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "rows": rows,
+    }
     for t in tokens:
         if time.time() - started > budget_s:
             print(f"skipping T={t}: time budget of {budget_s:.0f}s spent", flush=True)
@@ -155,13 +162,9 @@ def bench(device: str, tokens: list[int], hidden: int, reps: int, budget_s: floa
         row["dequant_max_abs_diff"] = (q_new.float() * s_new - q_ref.float() * s_ref).abs().max().item()
         row["report_details"] = details
         rows.append(row)
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "rows": rows,
-    }
+        if on_row is not None:
+            on_row(result)  # a run cut short still leaves the rows it finished
+    return result
 
 
 def _triton_version() -> str:
@@ -189,20 +192,23 @@ def table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
-    parser.add_argument("--tokens", default="256,16384", help="comma-separated token counts")
+    parser.add_argument("--tokens", default="16384,256", help="comma-separated token counts")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--budget", type=float, default=150.0, help="seconds after which no new shape starts")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds after which no new shape starts")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
 
 
 def main(args: argparse.Namespace, config=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = bench(device, [int(t) for t in args.tokens.split(",")], args.hidden, args.reps, args.budget)
+    def dump(result):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    result = bench(device, [int(t) for t in args.tokens.split(",")], args.hidden, args.reps, args.budget, dump)
     print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    dump(result)
     return 0
 
 
