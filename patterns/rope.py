@@ -221,6 +221,9 @@ def _match_chain(chain: list[fx.Node]) -> RopeWriteback | Decline | None:
     val = tensor_meta(base)
     if val is None:
         return None
+    if not all(isinstance(s, int) for s in val.shape):
+        # the aten replacement would need the sizes as graph values; not supported yet
+        return Decline(head, "buffer has symbolic sizes (dynamic shapes): only static shapes are rewritten")
     dims = {p[0] for p in params}
     if len(dims) != 1:
         return Decline(head, f"writes along different dims {sorted(dims)}")

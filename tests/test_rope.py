@@ -110,15 +110,60 @@ def test_wan_spelling_fused_op_one_launch_for_q_and_k(wan_case):
     assert _same(run.outputs, off.outputs)
 
 
-def test_gptj_interleaved_spelling_both_lowerings():
+def test_gptj_interleaved_spelling_graph_diff_and_both_lowerings():
+    from fusewright.passes.config import PassConfig
+    from fusewright.tools.graph_diff import live_diff
+
     inputs = _inputs(s=6, hq=4, hk=2, d=32, full_tables=False)
-    off = compile_and_capture(qk(gptj_rope), inputs, enable=False)
-    assert count_targets(off.graphs_before[0], aten.full.default) == 2  # zeros_like
-    for lowering, detail in (("aten", {"aten:strided": 2}), ("triton", {"triton:interleaved": 2, "triton:launches": 1})):
-        run = compile_and_capture(qk(gptj_rope), inputs, config={"lowering": {"rope": lowering}, "strict": True})
-        assert _rope_stats(run).details == detail
-        assert count_targets(run.graphs_after[0], aten.slice_scatter.default) == 0
-        assert _same(run.outputs, off.outputs), lowering
+    diff = live_diff(qk(gptj_rope), inputs, PassConfig.from_dict({"lowering": {"rope": "aten"}, "strict": True}))
+    report = diff.to_dict()
+    assert report["rewrites"]["rewrite_rope"] == 2
+    assert report["numerics"]["bitwise"] is True
+    (fx,) = report["fx_diff"]
+    removed = fx["nodes"]["removed"]
+    assert sum(n.startswith("slice_scatter") for n in removed) == 4
+    assert sum(n.startswith("copy") for n in removed) == 4
+    assert sum(n.startswith("full") for n in removed) == 2  # the zeros_like buffers
+    off_outputs = diff.before.outputs
+    run = compile_and_capture(qk(gptj_rope), inputs, config={"lowering": {"rope": "triton"}, "strict": True})
+    assert _rope_stats(run).details == {"triton:interleaved": 2, "triton:launches": 1}
+    assert count_targets(run.graphs_after[0], aten.slice_scatter.default) == 0
+    assert _same(run.outputs, off_outputs)
+
+
+def test_auto_follows_the_table_and_can_keep_the_writeback(wan_case, monkeypatch):
+    from fusewright.lowering import rope_ops
+
+    inputs, off = wan_case
+    # CPU rule (measured, lowering/rope_auto.json): aten
+    run = compile_and_capture(qk(wan_rope), inputs, config={"lowering": "auto", "strict": True})
+    assert _rope_stats(run).details == {"aten:strided": 2}
+    assert _same(run.outputs, off.outputs)
+    keep = {"measured": {}, "rules": {"cpu": {"with_kernel": "none", "without_kernel": "none", "why": "test"},
+                                      "default": {"with_kernel": "none", "without_kernel": "none", "why": "test"}}}
+    monkeypatch.setattr(rope_ops, "auto_table", lambda: keep)
+    run = compile_and_capture(qk(wan_rope), inputs, config={"lowering": "auto", "strict": True})
+    stats = _rope_stats(run)
+    assert (stats.matched, stats.rewritten) == (2, 0)
+    assert all("kept as is" in s.reason and "rule for cpu" in s.reason for s in stats.skipped)
+    assert count_targets(run.graphs_after[0], aten.slice_scatter.default) == 4
+
+
+def test_bf16_math_is_not_fused_in_exact_numerics():
+    q, _, c, s = _inputs(s=4, d=16, full_tables=False)
+    c, s = c.to(BF16), s.to(BF16)  # every product rounds to bf16: not the kernel's f32 math
+    run = compile_and_capture(gptj_rope, (q, c, s), config={"lowering": {"rope": "triton,aten"}, "strict": True})
+    assert _rope_stats(run).details == {"aten:strided": 1}
+    found, _ = find_rope_writebacks(run.graphs_before[0])
+    assert found[0].rotation is not None and not found[0].rotation.f32_math
+
+
+def test_dynamic_shapes_are_declined():
+    q, _, c, s = _inputs(s=6, d=16, full_tables=False)
+    run = compile_and_capture(gptj_rope, (q, c, s), config={"lowering": {"rope": "aten"}, "strict": True},
+                              dynamic=True)
+    stats = _rope_stats(run)
+    assert stats.rewritten == 0 and any("symbolic" in s.reason for s in stats.skipped)
 
 
 def test_step1_halves_become_cat_or_neox_kernel():
