@@ -88,15 +88,21 @@ def _timer(device: str, reps: int):
             for _ in range(3):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        replay = fn
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            replay = graph.replay
+        except Exception as exc:  # noqa: BLE001 - time it without a graph, and say so
+            print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing plain launches", flush=True)
+            torch.cuda.synchronize()
         times = []
         for _ in range(reps):
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            graph.replay()
+            replay()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
