@@ -88,6 +88,10 @@ class RewriteRopePass(GraphPass):
     order = 30
     extra_source_modules = (rope_patterns, rope_aten, rope_ops, rope_triton)
 
+    def source_files(self) -> list[str]:
+        # the auto table decides rewrites as much as the code does: it joins the cache key
+        return sorted(set(super().source_files()) | {rope_ops.TABLE_PATH})
+
     def run(self, graph: fx.Graph, ctx: PassContext) -> None:
         found, declined = find_rope_writebacks(graph)
         for decline in declined:
@@ -139,6 +143,8 @@ class RewriteRopePass(GraphPass):
                 return "triton", "requested"
             if impl == "aten":
                 return "aten", "requested"
+            if impl not in ("triton", "aten"):
+                return "none", f"implementation '{impl}' is not supported by the RoPE pass (only auto, triton, aten)"
         return "none", f"lowering {','.join(ctx.config.lowering.priority('rope'))} not applicable: {problem}"
 
     # ------------------------------------------------------------ aten

@@ -125,3 +125,11 @@ def test_auto_rule_without_measurements_is_documented():
     # CPU never picks the kernel (it would run the reference math eagerly)
     choice, why = rope_ops.choose_lowering(torch.device("meta"), 10**6, True)
     assert choice == table["rules"]["default"]["with_kernel"] and "rule for meta" in why
+
+
+def test_auto_table_is_part_of_the_inductor_cache_key():
+    from fusewright.passes.rope import PASS
+
+    files = PASS.source_files()
+    assert rope_ops.TABLE_PATH in files
+    assert any(f.endswith("patterns/rope.py") for f in files) and any(f.endswith("rope_triton.py") for f in files)
