@@ -140,7 +140,10 @@ class Tuner:
             return impls[0], "the only supported implementation"
         note = "measuring is off for this device"
         if self.measuring(call.device_type):
-            entry = self.lookup(call, impls)
+            try:
+                entry = self.lookup(call, impls)
+            except OSError as exc:  # a read-only or full cache directory must not fail the compile
+                return by_name[order[0]], f"rule for {call.device_type}: {','.join(order)} (cache unusable: {exc})"
             times = {n: t for n, t in entry["seconds"].items() if isinstance(t, (int, float)) and n in by_name}
             if times:
                 winner = pick_measured(times, order)

@@ -84,6 +84,8 @@ class DeopaquePass(GraphPass):
         metas = {r: tensor_meta(args[r]) if isinstance(args[r], fx.Node) else None for r in roles}
         if any(m is None for m in metas.values()):
             return "an argument has no tensor metadata"
+        if call.form == "fused_add" and args["residual"] is args["x"]:
+            return "x and residual are the same tensor"
         if not x.is_contiguous():
             return "x is not contiguous (the replacement would change output strides)"
         for role in ("out", "residual"):

@@ -225,6 +225,14 @@ def test_auto_falls_back_to_the_rule_when_measuring_fails_or_is_off(extra_impls,
     assert not auto.Tuner(measure=timer, directory=tmp_path).measuring("cuda")
 
 
+def test_unusable_cache_directory_falls_back_to_the_rule(extra_impls, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    timer = FakeTimer({"aten": 1.0, "triton": 0.1, "vendor": 0.1})
+    choice = choose(cuda_call(), ("auto",), tuner=auto.Tuner(measure=timer, directory=blocker / "sub"))
+    assert choice.name == "aten" and "cache unusable" in choice.reason and timer.calls == 0
+
+
 def test_rule_for_ops_that_prefer_a_fused_kernel_on_cuda():
     from fusewright.lowering.registry import semantic_op
 
