@@ -5,6 +5,21 @@
     run = compile_and_capture(fn, inputs, config={"numerics": "exact"})
     assert run.report["fuse_norm_quant"].rewritten == 2
     run.graphs_before[0], run.graphs_after[0]   # post-grad FX graphs around fusewright
+
+graph-diff's checks as pytest assertions (each failure message names the kernels or
+passes involved, like `fusewright graph-diff --expect-*`):
+
+    from fusewright import testing
+
+    diff = testing.graph_diff(model, inputs)          # compiles twice: fusewright off, on
+    testing.assert_no_noop_kernels(diff)              # no kernel only copies or round-trips
+    testing.assert_fewer_kernels(diff)
+    testing.assert_rewrites(diff, fuse_norm_quant=1)
+    testing.assert_outputs_close(diff)
+
+    run = testing.compile_and_capture(model, inputs)  # one compile is enough for these:
+    testing.assert_no_noop_kernels(run)
+    testing.kernels(run), testing.noop_kernels(run)
 """
 
 from __future__ import annotations
@@ -81,3 +96,68 @@ def compile_and_capture(
         with torch.no_grad():
             outputs, codes = run_and_get_code(compiled, *inputs)
     return CompileRun(outputs, last_report(), before, after, list(codes))
+
+
+# ----------------------------------------------------------------------------- graph-diff
+def graph_diff(fn: Callable, inputs: Sequence[Any], config: PassConfig | dict | str | None = None, *,
+               dynamic: bool | None = None, rtol: float | None = None, atol: float | None = None):
+    """Compile `fn` with fusewright off, then on; return the `GraphDiffReport` (kernels, FX
+    diff, pass counts, numerics) that `fusewright graph-diff` prints."""
+    from .tools.graph_diff import live_diff
+
+    return live_diff(fn, inputs, config, dynamic=dynamic, rtol=rtol, atol=atol)
+
+
+def kernels(source: Any) -> list:
+    """The kernels launched by a `CompileRun`, an output-code string or a list of them, or
+    the final side of a `GraphDiffReport`; each a `fusewright.tools.output_code.Kernel`."""
+    from .tools.graph_diff import GraphDiffReport
+    from .tools.output_code import parse_output_code
+
+    if isinstance(source, GraphDiffReport):
+        return (source.after or source.before).kernels
+    if isinstance(source, CompileRun):
+        source = source.codes
+    if isinstance(source, str):
+        source = [source]
+    return [k for i, code in enumerate(source) for k in parse_output_code(code, graph=i).kernels]
+
+
+def noop_kernels(source: Any) -> list:
+    """The kernels that only load, convert dtype losslessly and store back (see `kernels`)."""
+    return [k for k in kernels(source) if k.is_noop]
+
+
+def _describe(ks: list) -> str:
+    return "; ".join(f"{k.name} ({k.noop_reason or k.kind})" for k in ks)
+
+
+def assert_no_noop_kernels(source: Any) -> None:
+    """Fail if any launched kernel is a no-op (identity copy, lossless round trip)."""
+    found = noop_kernels(source)
+    assert not found, f"{len(found)} no-op kernel(s) remain: {_describe(found)}"
+
+
+def assert_fewer_kernels(diff: Any, by: int = 1) -> None:
+    """Fail unless fusewright's compile launches at least `by` fewer kernels than stock Inductor."""
+    before, after = len(diff.before.kernels), len(diff.after.kernels)
+    assert after <= before - by, (
+        f"expected at least {by} fewer kernel(s): {before} -> {after}; "
+        f"removed: {[m.before.name for m in diff.kernel_diff if m.status == 'removed']}, "
+        f"added: {[m.after.name for m in diff.kernel_diff if m.status == 'added']}")
+
+
+def assert_rewrites(source: Any, **expected: int) -> None:
+    """Fail unless each named pass rewrote exactly that many constructs:
+    `assert_rewrites(run_or_diff, fuse_norm_quant=1, eliminate_noop_casts=0)`."""
+    rewrites = source.report.rewrites() if isinstance(source, CompileRun) else source.rewrites
+    wrong = {name: (want, rewrites.get(name, 0)) for name, want in expected.items()
+             if rewrites.get(name, 0) != want}
+    assert not wrong, "unexpected rewrite counts: " + ", ".join(
+        f"{name} expected {want}, got {got}" for name, (want, got) in wrong.items())
+
+
+def assert_outputs_close(diff: Any) -> None:
+    """Fail if the outputs with fusewright differ from stock Inductor's beyond tolerance."""
+    n = diff.numerics
+    assert n.ok, f"outputs differ: max abs diff {n.max_abs_diff}; {n.detail}"

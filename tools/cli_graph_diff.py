@@ -82,7 +82,9 @@ def main(args: argparse.Namespace, config) -> int:
 
     from .graph_diff import GraphDiffError, check_expectations
 
-    console = Console(stderr=False)
+    # piped output (CI logs, files) gets a readable width instead of rich's 80 columns
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    console = Console(width=wide)
     try:
         expect_rewrites = _parse_expect_rewrites(args.expect_rewrites)
         mode = _mode(args.inputs)
