@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "rope": "fusewright.tools.bench_rope",
     "noop-casts": "fusewright.tools.bench_noop_casts",
     "compile": "fusewright.tools.bench_compile",
+    "deopaque": "fusewright.tools.bench_deopaque",
 }
 
 
