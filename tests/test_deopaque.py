@@ -328,3 +328,16 @@ def test_tiny_llama_with_opaque_norms_compiles_to_the_same_logits():
     assert len(norms) == 3 and run.report["deopaque"].rewritten == 3
     assert sum(count_targets(g, AF) + count_targets(g, AF2) for g in run.graphs_after) == 0
     assert torch.equal(run.outputs, native.outputs)  # Llama spells its norm as the aten lowering does
+
+
+@pytest.mark.gpu
+def test_norm_quant_fires_across_the_de_opaqued_op_on_cuda():
+    x, _, w = (t.cuda() for t in inputs(t=256, h=512, seed=5))
+    run = compile_and_capture(norm_then_fp8, (x, w), dict(CONFIG, fuse_norm_quant=True))
+    assert run.report["deopaque"].rewritten == 1
+    if "fusewright.passes.norm_quant" in BUILTIN_PASS_MODULES:
+        assert run.report["fuse_norm_quant"].rewritten == 1
+    eager_q, eager_scale = norm_then_fp8(x, w)
+    torch.testing.assert_close(run.outputs[1], eager_scale, rtol=2**-7, atol=0)
+    deq = run.outputs[0].float() * run.outputs[1]
+    torch.testing.assert_close(deq, eager_q.float() * eager_scale, rtol=0.13, atol=0)
