@@ -196,7 +196,9 @@ class RewriteRopePass(GraphPass):
         rot = group[0].rotation
         interleaved = rot.layout == "interleaved"
         xs = [wb.rotation.x for wb in group]
-        latest = max([*xs, rot.cos, rot.sin], key=order.__getitem__)
+        # never between placeholders: Inductor expects them all before the first call
+        placeholders = graph.find_nodes(op="placeholder")
+        latest = max([*xs, rot.cos, rot.sin, *placeholders[-1:]], key=order.__getitem__)
         with graph.inserting_after(latest):
             if len(group) == 1:
                 outs = [insert_call(graph, torch.ops.fusewright.rope.default,
