@@ -365,3 +365,24 @@ def test_every_new_node_carries_fake_metadata():
     for node in gm.graph.nodes:
         if node.op == "call_function":
             assert isinstance(node.meta.get("val"), (torch.Tensor, tuple)), node.name
+
+
+def test_auto_functionalized_arguments_read_versus_written():
+    """auto_functionalized (v1) names mutable arguments as kwargs; v2 passes them as bases."""
+    from fusewright.patterns.casts import AUTO_FUNCTIONALIZED, UseKind, classify_use
+
+    graph = fx.Graph()
+    x, out = graph.placeholder("x"), graph.placeholder("out")
+    op = torch.ops.fw_noop_test.write_into.default
+    by_name = {getattr(t, "__name__", str(t)): t for t in AUTO_FUNCTIONALIZED}
+    v1 = by_name.get("auto_functionalized")
+    v2 = by_name.get("auto_functionalized_v2")
+    if v1 is not None:
+        node = graph.call_function(v1, (op,), {"x": x, "out": out})
+        assert classify_use(node, x) is UseKind.OPAQUE
+        assert classify_use(node, out) is UseKind.MUTATES
+    if v2 is not None:
+        node = graph.call_function(v2, (op,), {"x": x, "_out_base_index": 0, "_all_bases": [out]})
+        assert classify_use(node, x) is UseKind.OPAQUE
+        assert classify_use(node, out) is UseKind.MUTATES
+    assert v1 is not None or v2 is not None

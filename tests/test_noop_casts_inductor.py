@@ -82,7 +82,8 @@ def off_and_on(fn, inputs, removes: bool = True):
     plugin-off compile (where graph-diff's detection exists) at least one.
     """
     off = compile_and_capture(fn, inputs, enable=False)
-    on = compile_and_capture(fn, inputs, config={"strict": True})
+    # verify: the manager also runs the graph before and after the pass on random inputs.
+    on = compile_and_capture(fn, inputs, config={"strict": True, "verify": True})
     assert_bitwise(off.outputs, on.outputs)
     if removes:
         assert not noop_kernels(on), noop_kernels(on)
