@@ -75,6 +75,12 @@ class NormQuantPass(GraphPass):
                     continue
                 for other in match.other_declines:
                     ctx.skipped(f"second quantization of the same norm left in place: {other.reason}", other.node)
+                for other in match.other_tails:
+                    ctx.skipped(
+                        f"second quantization of the same norm left in place: a different variant "
+                        f"({other.quant.kind}); it reads the normalised tensor the fused op returns",
+                        other.q,
+                    )
                 norm = match.norm
                 fake = [tensor_meta(n) if n is not None else None for n in (norm.x, norm.weight, norm.residual, match.static_scale)]
                 choice = norm_quant_ops.choose_lowering(

@@ -33,6 +33,7 @@ class NormQuantMatch:
     static_scale: fx.Node | None
     value_nodes: list[fx.Node]  # y, its upcasts and views
     other_declines: list[Decline]  # tails of the same norm that were not taken
+    other_tails: list[QuantTailMatch] = dataclasses.field(default_factory=list)  # different, left unfused
 
     def dead_candidates(self) -> list[fx.Node]:
         """Nodes of the match that are dead once the outputs are replaced."""
@@ -90,4 +91,4 @@ def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch |
         spec = NormQuantSpec(norm=norm.norm, quant=key[0], return_normalized=need_normalized, numerics=numerics)
     except ValueError as exc:
         return Decline(f"unsupported norm-quant combination: {exc}", mean)
-    return NormQuantMatch(norm, chosen, spec, chosen[0].static_scale, [v.node for v in values], bad)
+    return NormQuantMatch(norm, chosen, spec, chosen[0].static_scale, [v.node for v in values], bad, others)

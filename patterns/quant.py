@@ -147,6 +147,7 @@ def _match_tail(v: Value, apply: fx.Node, s_in: fx.Node, by_node: dict, hidden: 
     n = apply
     rounded = False
     lo = hi = None
+    casts = []
     while True:
         nxt = _single_user(n)
         if nxt is None:
@@ -165,6 +166,8 @@ def _match_tail(v: Value, apply: fx.Node, s_in: fx.Node, by_node: dict, hidden: 
             q = nxt
             nodes.append(q)
             break
+        elif is_convert(nxt) and dtype_of(nxt) in (F32, torch.bfloat16, torch.float16, torch.float64):
+            casts.append(nxt)
         else:
             return None
         nodes.append(nxt)
@@ -176,6 +179,8 @@ def _match_tail(v: Value, apply: fx.Node, s_in: fx.Node, by_node: dict, hidden: 
         return Decline("no clamp to the quantized range before the cast", q)
     if dtype_of(apply) != F32:
         return Decline(f"quantization arithmetic in {dtype_of(apply)}, not float32", apply)
+    if casts:
+        return Decline(f"a cast to {dtype_of(casts[0])} inside the quantization", casts[0])
     if out_dtype == torch.int8 and not rounded:
         return Decline("int8 cast without round", q)
     if out_dtype == FP8 and rounded:

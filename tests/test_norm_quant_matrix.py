@@ -8,6 +8,7 @@ are in test_norm_quant_compile.py.
 """
 
 import importlib.util
+import sys
 import pathlib
 
 import pytest
@@ -22,6 +23,7 @@ from fusewright.testing import count_targets
 
 _spec = importlib.util.spec_from_file_location("norm_quant_cases", pathlib.Path(__file__).with_name("test_norm_quant_cases.py"))
 cases = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("norm_quant_cases", cases)  # Dynamo looks functions' modules up by name
 _spec.loader.exec_module(cases)
 
 OP = torch.ops.fusewright.rms_norm_quant.default
