@@ -277,7 +277,8 @@ def render_html(report: GraphDiffReport) -> str:
 <style>
  body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
  table {{ border-collapse: collapse; margin: 8px 0 20px; font-size: 13px; }}
- td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; font-family: ui-monospace, monospace; }}
+ td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; font-family: ui-monospace, monospace;
+          max-width: 380px; overflow-wrap: anywhere; vertical-align: top; }}
  tr.removed td {{ background: #fde2e1; }} tr.added td {{ background: #def7e3; }}
  tr.changed td {{ background: #fff6d5; }} tr.unchanged td {{ color: #777; }}
  td.rm {{ color: #c0392b; }} td.add {{ color: #1e8449; }}
