@@ -118,10 +118,11 @@ def deepseek_v3(tokens: int = 8, layers: int = 1):
 # ------------------------------------------------------------------ diffusers
 def _keep_fp32_modules(model: nn.Module) -> nn.Module:
     """`.to(bf16)` also casts the modules a model keeps in fp32; put them back."""
-    for pattern in getattr(model, "_keep_in_fp32_modules", None) or ():
-        for name, module in model.named_modules():
-            if pattern in name.split("."):
-                module.to(torch.float32)
+    patterns = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        # A pattern names a module (`norm1`) or a parameter (`scale_shift_table`).
+        if patterns & set(name.split(".")):
+            param.data = param.data.to(torch.float32)
     return model
 
 
