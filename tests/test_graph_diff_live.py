@@ -63,6 +63,16 @@ def test_cpu_identity_copy():
     assert kernel.bytes == 2 * 16 * 64 * 2
 
 
+def test_cpu_dynamic_shapes_bytes_from_example_sizes():
+    def roundtrip(x):
+        return opaque(opaque(x).float().view(-1).to(BF16))
+
+    run = testing.compile_and_capture(roundtrip, (torch.randn(16, 64, dtype=BF16),), enable=False, dynamic=True)
+    (kernel,) = [k for k in testing.kernels(run) if k.kind == "cpp"]
+    assert "s" in run.codes[0].split("def call", 1)[1]  # symbolic sizes in call()
+    assert kernel.is_noop and kernel.bytes == 2 * 16 * 64 * 2
+
+
 @pytest.fixture(scope="module")
 def diff():
     """The round-trip target (graph break included) compiled with fusewright off and on."""
