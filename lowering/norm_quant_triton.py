@@ -31,6 +31,8 @@ bit-exactly in integer arithmetic instead; on the GPU the hardware conversions a
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 
@@ -161,6 +163,20 @@ def _to_fp8(t, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _div_exact(a, b, rb):
+    """a / b correctly rounded, given rb = RN(1/b): q0 = RN(a*rb) is within an ulp, the fma
+    residual a - b*q0 is exact, and one fma correction rounds to RN(a/b) (Markstein's
+    theorem, the fast path of CUDA's div.rn). 3 ops instead of div.rn's ~15 with a branch.
+    Where the residual is zero q0 is exact (and keeps the sign of a zero quotient, which the
+    correction would lose); where it is not finite (b = 0 or inf, a = inf) q0 already is
+    the IEEE quotient."""
+    q0 = a * rb
+    r = tl.fma(-q0, b, a)
+    q1 = tl.fma(r, rb, q0)
+    return tl.where((r == 0.0) | (q1 != q1), q0, q1)
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -186,18 +202,25 @@ def _offs(c, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr):
 @triton.jit
 def _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr,
             CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
-            MASKED: tl.constexpr, INTERP: tl.constexpr):
-    """Chunk c of the rows: h = f32 input (after the residual add); stores the new residual."""
+            HS_DT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Chunk c of the rows: h, the norm's input (after the residual add), as it is kept in
+    registers until the row statistic is known: in the input dtype when that is exact
+    (HS_DT != 0: half the registers of f32, so more rows in flight per SM), else f32.
+    Stores the new residual."""
     col = _offs(c, CH, CG, GS)
     if MASKED:
         m = rmask & (col < H)
-        x = _up(tl.load(x_ptr + xrow + col, mask=m, other=0.0), XDT, INTERP)
+        xv = tl.load(x_ptr + xrow + col, mask=m, other=0.0)
     else:
         m = None
-        x = _up(tl.load(x_ptr + xrow + col), XDT, INTERP)
+        xv = tl.load(x_ptr + xrow + col)
     if RES == 0:
-        h = x
+        if HS_DT == 0:
+            h = _up(xv, XDT, INTERP)
+        else:
+            h = xv
     else:
+        x = _up(xv, XDT, INTERP)
         if MASKED:
             r = _up(tl.load(r_ptr + rrow + col, mask=m, other=0.0), XDT, INTERP)
         else:
@@ -206,22 +229,25 @@ def _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask, c, H: tl.constexpr, C
             h = _rnd(x + r, XDT, INTERP)
         else:  # f32 add: the norm reads the unrounded sum
             h = x + r
+        hx = _cvt_out(h, XDT, INTERP)
         if MASKED:
-            tl.store(ro_ptr + orow + col, _cvt_out(h, XDT, INTERP), mask=m)
+            tl.store(ro_ptr + orow + col, hx, mask=m)
         else:
-            tl.store(ro_ptr + orow + col, _cvt_out(h, XDT, INTERP))
+            tl.store(ro_ptr + orow + col, hx)
+        if HS_DT != 0:
+            h = hx
     return h
 
 
 @triton.jit
-def _normalize(h, rinv, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+def _normalize(h, rinv, rsq, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
                INV: tl.constexpr, WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr,
                ODT: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
     """Returns (ya, yq): ya = f32(y) (y rounded to the output dtype: amax, scales and the
     returned normalised tensor use it); yq = the value quantized (ya, or in fast mode the
     f32 product without the intermediate roundings)."""
     if INV == 2:
-        hr = tl.div_rn(h, rinv)  # rinv holds sqrt(v) for div_sqrt
+        hr = _div_exact(h, rinv, rsq)  # rinv holds sqrt(v) for div_sqrt
     else:
         hr = h * rinv
     if WST == 0:
@@ -253,7 +279,7 @@ def _normalize(h, rinv, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.cons
 @triton.jit
 def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
                      FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
-                     SCONST: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
+                     SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
     """amax (f32, any shape) -> the f32 scale, in the spec's scale-math dtype (SMD 0 f32, 1 bf16, 3 f64)."""
     if SMD == 3:
         a64 = a.to(tl.float64)
@@ -281,7 +307,7 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
         if CONST_DIV:  # eager `c / t` is `t.reciprocal() * c`: two roundings
             s = _rnd(_rnd(tl.div_rn(_c32(1.0), s), SMD, INTERP) * _c32(SCONST), SMD, INTERP)
         else:
-            s = _rnd(tl.div_rn(s, _c32(SCONST)), SMD, INTERP)
+            s = _rnd(_div_exact(s, _c32(SCONST), _c32(RCONST)), SMD, INTERP)
         if HAS_FLOOR and not FLOOR_AMAX:
             s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
         if UE8M0:
@@ -293,7 +319,7 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
 
 
 @triton.jit
-def _quant_store(yq, s, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
                  GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
                  CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
                  INTERP: tl.constexpr):
@@ -301,9 +327,9 @@ def _quant_store(yq, s, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr
         t = yq * s
     elif APPLY == 1 or FAST or UE8M0:
         # x / 2^k == x * 2^-k exactly, so ue8m0 scales may always multiply
-        t = yq * tl.div_rn(_c32(1.0), s)
+        t = yq * rs
     else:
-        t = tl.div_rn(yq, s)
+        t = _div_exact(yq, s, rs)
     if INT8:
         t = _rint(t, INTERP)
     t = tl.clamp(t, CLO, CHI, propagate_nan=tl.PropagateNan.ALL)
@@ -333,12 +359,13 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
                   H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
                   SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
                   FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
-                  SCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
+                  SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
                   CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
     """Per-group quantization of one chunk: the groups of a chunk are all inside it."""
     a = tl.reduce(tl.abs(ya), 2, _max_nan, keep_dims=True)  # [ROWS, CG, 1]
-    s = _scale_from_amax(a, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, INTERP)
-    _quant_store(yq, s, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP)
+    s = _scale_from_amax(a, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, INTERP)
+    rs = tl.div_rn(_c32(1.0), s)
+    _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP)
     gidx = c * CG + tl.arange(0, CG)[None, :, None]  # [1, CG, 1]
     r3 = rows[:, None, None].to(tl.int64)
     if COLMAJ:
@@ -363,6 +390,7 @@ def _rms_norm_quant_kernel(
     KIND: tl.constexpr, G: tl.constexpr, COLMAJ: tl.constexpr, UE8M0: tl.constexpr,
     SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
+    RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -374,170 +402,231 @@ def _rms_norm_quant_kernel(
     rrow = r64 * r_stride
     orow = r64 * H  # outputs are contiguous [M, H]
     INT8: tl.constexpr = KIND == 3
-    PER_GROUP: tl.constexpr = KIND == 2
+    # registers: the row is kept in the input dtype when that is exact (no f32 residual add),
+    # and per-token kinds keep the normalised row in the output dtype (exact mode)
+    HS_DT: tl.constexpr = XDT if RES != 2 else 0
+    YS_DT: tl.constexpr = 0 if FAST else ODT
 
     # ---- pass 1: load every chunk once, sum of squares
-    h0 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-    ss = tl.sum(tl.sum(h0 * h0, 2), 1)
+    h0 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    hh = _up(h0, HS_DT, INTERP)
+    ss = tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 1:
-        h1 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h1 * h1, 2), 1)
+        h1 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h1, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 2:
-        h2 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h2 * h2, 2), 1)
+        h2 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h2, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 3:
-        h3 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h3 * h3, 2), 1)
+        h3 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h3, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 4:
-        h4 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h4 * h4, 2), 1)
+        h4 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h4, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 5:
-        h5 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h5 * h5, 2), 1)
+        h5 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h5, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 6:
-        h6 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h6 * h6, 2), 1)
+        h6 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h6, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 7:
-        h7 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, MASKED, INTERP)
-        ss += tl.sum(tl.sum(h7 * h7, 2), 1)
+        h7 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h7, HS_DT, INTERP)
+        ss += tl.sum(tl.sum(hh * hh, 2), 1)
 
     # ---- the row statistic: mean = sum / H (true division, as eager CPU mean), + f32 eps
-    v = tl.div_rn(ss, _c32(H)) + _c32(EPS)
-    if INV == 0:  # rsqrt, correctly rounded: f64 sqrt and division, one rounding to f32
-        rinv = (1.0 / tl.sqrt(v.to(tl.float64))).to(tl.float32)
+    v = _div_exact(ss, _c32(H), _c32(RH)) + _c32(EPS)
+    if INV == 0:  # rsqrt rounded once to f32 from an f64 rsqrt (1 f64 ulp: correctly rounded
+        # unless within 2^-29 f32 ulps of a midpoint)
+        if INTERP:
+            rinv = (1.0 / tl.sqrt(v.to(tl.float64))).to(tl.float32)
+        else:
+            rinv = libdevice.rsqrt(v.to(tl.float64)).to(tl.float32)
+        rsq = rinv
     elif INV == 1:  # 1 / sqrt(v), each step rounded to f32
         rinv = tl.div_rn(_c32(1.0), tl.sqrt_rn(v))
-    else:  # h / sqrt(v): pass sqrt(v), _normalize divides
+        rsq = rinv
+    else:  # h / sqrt(v): pass sqrt(v) and its reciprocal, _normalize divides
         rinv = tl.sqrt_rn(v)
+        rsq = tl.div_rn(_c32(1.0), rinv)
     rinv = rinv[:, None, None]
+    rsq = rsq[:, None, None]
 
     s_static = 0.0
+    rs_static = 0.0
     if KIND == 0:
         sv = tl.load(sin_ptr)
         if SIN_DT == 1 and INTERP:
             s_static = _up(sv, 1, INTERP)
         else:
             s_static = sv.to(tl.float32)
+        rs_static = tl.div_rn(_c32(1.0), s_static)
 
     # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
     # keeps the normalised chunks until the row amax is known
     if KIND == 1 or KIND == 3:
-        ya0, yq0 = _normalize(h0, rinv, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+        ya0, yq0 = _normalize(_up(h0, HS_DT, INTERP), rinv, rsq, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
         am = tl.reduce(tl.reduce(tl.abs(ya0), 2, _max_nan), 1, _max_nan)
+        if RET_Y:
+            _store_y(ya0, y_ptr, orow, rmask3, 0, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if FAST:
+            yk0 = yq0
+        else:
+            yk0 = _cvt_out(ya0, ODT, INTERP)
         if NCH > 1:
-            ya1, yq1 = _normalize(h1, rinv, w_ptr, 1, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya1, yq1 = _normalize(_up(h1, HS_DT, INTERP), rinv, rsq, w_ptr, 1, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya1), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya1, y_ptr, orow, rmask3, 1, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk1 = yq1
+            else:
+                yk1 = _cvt_out(ya1, ODT, INTERP)
         if NCH > 2:
-            ya2, yq2 = _normalize(h2, rinv, w_ptr, 2, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya2, yq2 = _normalize(_up(h2, HS_DT, INTERP), rinv, rsq, w_ptr, 2, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya2), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya2, y_ptr, orow, rmask3, 2, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk2 = yq2
+            else:
+                yk2 = _cvt_out(ya2, ODT, INTERP)
         if NCH > 3:
-            ya3, yq3 = _normalize(h3, rinv, w_ptr, 3, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya3, yq3 = _normalize(_up(h3, HS_DT, INTERP), rinv, rsq, w_ptr, 3, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya3), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya3, y_ptr, orow, rmask3, 3, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk3 = yq3
+            else:
+                yk3 = _cvt_out(ya3, ODT, INTERP)
         if NCH > 4:
-            ya4, yq4 = _normalize(h4, rinv, w_ptr, 4, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya4, yq4 = _normalize(_up(h4, HS_DT, INTERP), rinv, rsq, w_ptr, 4, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya4), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya4, y_ptr, orow, rmask3, 4, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk4 = yq4
+            else:
+                yk4 = _cvt_out(ya4, ODT, INTERP)
         if NCH > 5:
-            ya5, yq5 = _normalize(h5, rinv, w_ptr, 5, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya5, yq5 = _normalize(_up(h5, HS_DT, INTERP), rinv, rsq, w_ptr, 5, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya5), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya5, y_ptr, orow, rmask3, 5, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk5 = yq5
+            else:
+                yk5 = _cvt_out(ya5, ODT, INTERP)
         if NCH > 6:
-            ya6, yq6 = _normalize(h6, rinv, w_ptr, 6, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya6, yq6 = _normalize(_up(h6, HS_DT, INTERP), rinv, rsq, w_ptr, 6, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya6), 2, _max_nan), 1, _max_nan))
+            if RET_Y:
+                _store_y(ya6, y_ptr, orow, rmask3, 6, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk6 = yq6
+            else:
+                yk6 = _cvt_out(ya6, ODT, INTERP)
         if NCH > 7:
-            ya7, yq7 = _normalize(h7, rinv, w_ptr, 7, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+            ya7, yq7 = _normalize(_up(h7, HS_DT, INTERP), rinv, rsq, w_ptr, 7, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
             am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya7), 2, _max_nan), 1, _max_nan))
-        s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, INTERP)
+            if RET_Y:
+                _store_y(ya7, y_ptr, orow, rmask3, 7, H, CH, CG, GS, ODT, MASKED, INTERP)
+            if FAST:
+                yk7 = yq7
+            else:
+                yk7 = _cvt_out(ya7, ODT, INTERP)
+        s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0,
+                                 INTERP)
         if ROWS == 1 or not MASKED:
             tl.store(s_ptr + rows, s_row)
         else:
             tl.store(s_ptr + rows, s_row, mask=rows < M)
         s3 = s_row[:, None, None]
-        _quant_store(yq0, s3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if RET_Y:
-            _store_y(ya0, y_ptr, orow, rmask3, 0, H, CH, CG, GS, ODT, MASKED, INTERP)
+        rs3 = tl.div_rn(_c32(1.0), s3)
+        _quant_store(_up(yk0, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 1:
-            _quant_store(yq1, s3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya1, y_ptr, orow, rmask3, 1, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk1, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 2:
-            _quant_store(yq2, s3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya2, y_ptr, orow, rmask3, 2, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk2, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 3:
-            _quant_store(yq3, s3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya3, y_ptr, orow, rmask3, 3, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk3, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 4:
-            _quant_store(yq4, s3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya4, y_ptr, orow, rmask3, 4, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk4, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 5:
-            _quant_store(yq5, s3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya5, y_ptr, orow, rmask3, 5, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk5, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 6:
-            _quant_store(yq6, s3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya6, y_ptr, orow, rmask3, 6, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk6, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
         if NCH > 7:
-            _quant_store(yq7, s3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-            if RET_Y:
-                _store_y(ya7, y_ptr, orow, rmask3, 7, H, CH, CG, GS, ODT, MASKED, INTERP)
+            _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
     else:
-        _chunk_local(h0, 0, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+        _chunk_local(_up(h0, HS_DT, INTERP), 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                      H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 1:
-            _chunk_local(h1, 1, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h1, HS_DT, INTERP), 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 2:
-            _chunk_local(h2, 2, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h2, HS_DT, INTERP), 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 3:
-            _chunk_local(h3, 3, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h3, HS_DT, INTERP), 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 4:
-            _chunk_local(h4, 4, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h4, HS_DT, INTERP), 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 5:
-            _chunk_local(h5, 5, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h5, HS_DT, INTERP), 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 6:
-            _chunk_local(h6, 6, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h6, HS_DT, INTERP), 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
         if NCH > 7:
-            _chunk_local(h7, 7, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+            _chunk_local(_up(h7, HS_DT, INTERP), 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
 
 
 @triton.jit
-def _chunk_local(h, c, rinv, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static,
+def _chunk_local(h, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                  H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
                  WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr, KIND: tl.constexpr,
                  G: tl.constexpr, COLMAJ: tl.constexpr, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr,
                  HAS_FLOOR: tl.constexpr, FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
-                 SCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
+                 SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr,
+                 CLO: tl.constexpr,
                  CHI: tl.constexpr, RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
                  INTERP: tl.constexpr):
     """Static or per-group quantization of chunk c (needs nothing from the other chunks)."""
-    ya, yq = _normalize(h, rinv, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+    ya, yq = _normalize(h, rinv, rsq, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
     if KIND == 0:
-        _quant_store(yq, s_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI, FAST,
+        _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI, FAST,
                      MASKED, INTERP)
     else:
         _group_finish(ya, yq, c, rows, rmask3, M, q_ptr, orow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
-                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
+                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
     if RET_Y:
         _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
 
 
 # ---------------------------------------------------------------------- launch
+def _f32_recip(v: float) -> float:
+    """RN_f32(1 / v) as a Python float (the reciprocal `_div_exact` needs for a constant divisor)."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(v), dtype=torch.float32))
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -546,19 +635,51 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None) -> dict:
-    """Tile plan for hidden size `hidden`: chunk width CH (a power of two), chunk count NCH
-    (<= 8), group tile GS x CG, rows per program, warps. `tuning` overrides (benchmarks)."""
-    t = dict(tuning or {})
+# Below this many rows a launch is latency-bound (fewer than ~8 rows per SM): more warps per
+# row shorten each thread's serial work.
+SMALL_M = 1024
+TUNING_PATH = os.path.join(os.path.dirname(__file__), "norm_quant_tuning.json")
+ENV_TUNING = "FUSEWRIGHT_NQ_TUNING"
+
+
+@functools.lru_cache(maxsize=4)
+def _tuning_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f).get("configs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
+    """Key of the tile table: register pressure differs between per-token kinds (the whole
+    normalised row stays live until its amax is known) and the chunk-local ones (static,
+    per group), and with a residual (two inputs, one more output)."""
+    fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
+    if spec.norm.residual != "none":
+        fam += "+res"
+    size = "small" if m is not None and m < SMALL_M else "large"
+    return f"{fam}/{hidden}/{size}"
+
+
+def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | None = None) -> dict:
+    """Tile plan for hidden size `hidden` and `m` rows: chunk width CH (a power of two), chunk
+    count NCH (<= 8), group tile GS x CG, rows per program, warps. Sources, later ones win:
+    the heuristic below, the measured table (norm_quant_tuning.json, or the file named by
+    $FUSEWRIGHT_NQ_TUNING), `tuning` (benchmarks)."""
     q = spec.quant
     gs = q.group_size if q.kind == "fp8_per_group" else 0
     if gs and gs & (gs - 1):
         raise SpecError(f"group size {gs} is not a power of two: no Triton tiling for it")
-    ch = t.get("CH")
-    if ch is None:
-        # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
-        # columns for large rows (128-bit loads for 4 warps), at least one group
-        ch = max(triton.next_power_of_2(triton.cdiv(hidden, 8)), min(1024, triton.next_power_of_2(hidden)), gs or 1)
+    table = _tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH)
+    key = tuning_key(spec, hidden, m)
+    # a residual family not measured falls back to the same family without the residual
+    t = dict(table.get(key) or table.get(key.replace("+res", ""), {}))
+    t.update(tuning or {})
+    # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
+    # columns for large rows (128-bit loads for 4 warps), at least one group
+    ch_min = max(triton.next_power_of_2(triton.cdiv(hidden, 8)), gs or 1)
+    ch = max(t.get("CH") or min(1024, triton.next_power_of_2(hidden)), ch_min)
     nch = triton.cdiv(hidden, ch)
     if nch > 8:
         raise SpecError(f"hidden size {hidden} needs {nch} chunks of {ch} (max 8)")
@@ -566,12 +687,12 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None) -> dict:
     rows = t.get("ROWS")
     if rows is None:
         # small rows: several per program so a program still moves ~8 KB
-        rows = max(1, min(16, 4096 // max(ch * nch, 1)))
-        rows = _pow2_floor(rows)
+        rows = _pow2_floor(max(1, min(16, 4096 // max(ch * nch, 1))))
     warps = t.get("num_warps")
     if warps is None:
-        elems = ch * rows
-        warps = max(1, min(8, elems // 256))
+        warps = max(1, min(8, ch * rows // 256))
+        if m is not None and m < SMALL_M and ch * rows >= 1024:
+            warps = 8
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
                 num_stages=t.get("num_stages", 1))
 
@@ -587,8 +708,12 @@ def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
 
 
 def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, *, tuning: dict | None = None) -> tuple[torch.Tensor, ...]:
-    """Run the fused kernel; same inputs and outputs as `norm_quant_reference.reference`."""
+           scale: torch.Tensor | None = None, *, tuning: dict | None = None,
+           info: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """Run the fused kernel; same inputs and outputs as `norm_quant_reference.reference`.
+
+    `tuning` overrides the tile plan (benchmarks); `info`, if given, receives the plan and
+    the compiled kernel's register and spill counts."""
     norm, quant = spec.norm, spec.quant
     if x.dtype != norm.input_dtype:
         raise SpecError(f"x has dtype {x.dtype}, the spec expects {norm.input_dtype}")
@@ -602,7 +727,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     spec.check_hidden(hidden)
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    cfg = plan(spec, hidden, tuning)
+    cfg = plan(spec, hidden, tuning, m)
 
     x2, xs = _as_2d(x, hidden)
     if residual is not None:
@@ -663,7 +788,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     smd = quant.scale_math_dtype
     fast = spec.numerics == "fast"
     grid = (triton.cdiv(m, cfg["ROWS"]),)
-    _rms_norm_quant_kernel[grid](
+    compiled = _rms_norm_quant_kernel[grid](
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
         H=hidden, CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked,
@@ -674,9 +799,14 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
         SMD=_DT_CODE[smd], HAS_UB=quant.amax_ub is not None, UB=float(quant.amax_ub or 0.0),
         HAS_FLOOR=quant.floor is not None, FLOOR_AMAX=quant.floor_on == "amax", FLOOR=float(quant.floor or 0.0),
         CONST_DIV=quant.scale_form == "const_div", SCONST=float(quant.scale_const),
+        RCONST=_f32_recip(quant.scale_const), RH=_f32_recip(hidden),
         APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
         SIN_DT=_DT_CODE.get(scale.dtype, 0) if scale is not None else 0,
         RET_Y=bool(spec.return_normalized), FAST=fast, INTERP=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if info is not None:
+        info.update(cfg)
+        info["n_regs"] = getattr(compiled, "n_regs", None)
+        info["n_spills"] = getattr(compiled, "n_spills", None)
     return tuple(outs)

@@ -150,9 +150,11 @@ def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H
     args = _inputs(spec, T, H)
     small = T <= 256
     measure = timer.graph if small else timer.hbm
+    info: dict = {}
+    launch(spec, *args, tuning=tuning, info=info)
     ours = measure(lambda: launch(spec, *args, tuning=tuning))
     row = dict(variant=name, T=T, H=H, timer="cuda_graph" if small else "l2_flushed",
-               triton_us=round(ours, 2), plan=plan(spec, H, tuning))
+               triton_us=round(ours, 2), plan=info)
     lim = min_bytes(spec, T, H) / bw * 1e6
     row["limit_us"] = round(lim, 2)
     row["triton_pct_of_limit"] = round(100 * lim / ours, 1)
@@ -169,10 +171,52 @@ def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H
 DEFAULT_SHAPES = [(T, H) for T in (4096, 16384) for H in (4096, 5120, 7168, 8192)]
 SMALL_SHAPES = [(T, 7168) for T in (1, 16, 64, 256)] + [(T, 4096) for T in (1, 16, 64, 256)]
 QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
-SWEEP = [
-    {}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 2}, {"CH": 2048, "num_warps": 8},
-    {"CH": 1024, "num_warps": 4, "ROWS": 2}, {"CH": 1024, "num_warps": 8, "ROWS": 2},
-]
+# --sweep: tile configs per family (lowering/norm_quant_triton.tuning_key) and hidden size;
+# the fastest goes into the tuning table (--write-tuning, shipped as norm_quant_tuning.json)
+SWEEP_FAMILIES = {"token": "token", "local": "group128", "local+res": "add_group128", "token+res": "add_token"}
+SWEEP_H = (4096, 5120, 7168, 8192)
+SWEEP_LARGE = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 2048, "num_warps": 8},
+               {"CH": 2048, "num_warps": 16}]
+SWEEP_SMALL_H = {4096: (4096, 5120), 7168: (7168, 8192)}  # measured H -> H it stands for
+SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16}]
+
+
+def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, env: dict) -> list[dict]:
+    vs = variants()
+    rows, table = [], {}
+
+    def best_of(fam, name, T, H, cfgs):
+        best = None
+        for cfg in cfgs:
+            try:
+                row = bench_one(timer, bw, name, vs[name], T, H, dict(cfg, ROWS=1), inductor=False)
+            except Exception as exc:  # a config that does not compile is a result, not a crash
+                print(f"{name} T={T} H={H} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            row["family"] = fam
+            rows.append(row)
+            _print_table([row])
+            if best is None or row["triton_us"] < best[0]:
+                best = (row["triton_us"], dict(cfg, ROWS=1))
+        return best
+
+    for fam in families:
+        name = SWEEP_FAMILIES[fam]
+        for H in SWEEP_H:
+            best = best_of(fam, name, 16384, H, SWEEP_LARGE)
+            if best:
+                table[f"{fam}/{H}/large"] = dict(best[1], us=best[0], measured_at="T=16384")
+        for H, covers in SWEEP_SMALL_H.items():
+            best = best_of(fam, name, 64, H, SWEEP_SMALL)
+            if best:
+                for h2 in covers:
+                    table[f"{fam}/{h2}/small"] = dict(best[1], us=best[0], measured_at=f"T=64 H={H}")
+        if out_path:  # written after each family, so a cut-off sweep still leaves a table
+            with open(out_path, "w") as f:
+                json.dump({"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
+                                    "keys: family/hidden/size (lowering/norm_quant_triton.tuning_key)",
+                           "environment": env, "configs": table}, f, indent=1, sort_keys=True)
+    return rows
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -181,7 +225,7 @@ def _print_table(rows: list[dict]) -> None:
     print("-" * len(hdr))
     for r in rows:
         p = r.get("plan", {})
-        ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')}"
+        ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')} regs{p.get('n_regs')} spill{p.get('n_spills')}"
         print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
               f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
               f"{r.get('speedup', float('nan')):8.3f}  {ptxt}", flush=True)
@@ -199,7 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variants()))
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
-    parser.add_argument("--sweep", action="store_true", help="tile configs at T=16384, H=7168 (no Inductor)")
+    parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (no Inductor)")
+    parser.add_argument("--families", default=",".join(SWEEP_FAMILIES), help="--sweep: families to tune")
+    parser.add_argument("--write-tuning", metavar="PATH", help="--sweep: write the best plans as a tuning table")
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
@@ -222,14 +268,7 @@ def main(args: argparse.Namespace, config=None) -> int:
     print(json.dumps(env), flush=True)
     rows = []
     if args.sweep:
-        for name in names:
-            for tuning in SWEEP:
-                try:
-                    rows.append(bench_one(timer, bw, name, vs[name], 16384, 7168, tuning, inductor=False))
-                except Exception as exc:  # a config that does not compile is a result, not a crash
-                    print(f"{name} {tuning}: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                _print_table(rows[-1:])
+        rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env)
     else:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -239,6 +278,9 @@ def main(args: argparse.Namespace, config=None) -> int:
             for T, H in shapes:
                 rows.append(bench_one(timer, bw, name, vs[name], T, H))
                 _print_table(rows[-1:])
+                if args.json:  # rows as they come: a cut-off run keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"environment": env, "rows": rows}, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
