@@ -283,7 +283,10 @@ def capture_post_grad(fn, inputs, dynamic=False) -> tuple[fx.Graph, list]:
         {"post_grad_custom_post_pass": Stop(), "fx_graph_cache": False, "fx_graph_remote_cache": False}
     ):
         try:
-            torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(*inputs)
+            # no_grad: an inference graph, as fusewright.testing compiles (with grad, AOT
+            # saves intermediates such as rsqrt for a backward and they gain users)
+            with torch.no_grad():
+                torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(*inputs)
         except Exception:  # noqa: BLE001 - Dynamo wraps our stop signal
             if not box:
                 raise
