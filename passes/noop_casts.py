@@ -56,6 +56,8 @@ from ..patterns.casts import RoundTrip, UseKind, alias_root, classify_use, same_
 from .base import GraphPass, PassContext
 from .graph_utils import insert_call, is_op, tensor_meta
 
+aten = torch.ops.aten
+
 # How far forward a layout change may travel through compute ops before it must be
 # absorbed (a reduction, a matmul, a pointwise op whose result has the old layout).
 _MAX_FORWARD = 32
@@ -98,7 +100,11 @@ class EliminateNoopCasts(GraphPass):
         if written:
             ctx.skipped(f"{trip.kind}: kept, {written}", back)
             return
-        replacement, new_nodes = self._replay_layout(graph, trip)
+        try:
+            replacement, new_nodes = self._replay_layout(graph, trip)
+        except _Refused as refusal:
+            ctx.skipped(f"{trip.kind}: kept for {refusal}", back)
+            return
         r_val, b_val = tensor_meta(replacement), tensor_meta(back)
         if r_val is None or b_val is None or r_val.dtype != b_val.dtype or r_val.shape != b_val.shape:
             self._erase_unused(reversed(new_nodes), state)
@@ -139,13 +145,36 @@ class EliminateNoopCasts(GraphPass):
         return None
 
     def _replay_layout(self, graph: fx.Graph, trip: RoundTrip) -> tuple[fx.Node, list[fx.Node]]:
-        """The layout ops of the chain, applied to the narrow source (before the cast back)."""
+        """The layout ops of the chain, applied to the narrow source (before the cast back).
+
+        Raises _Refused (with every node it made erased) when one does not apply.
+        """
         value, created = trip.source, []
         with graph.inserting_before(trip.cast_back):
             for op in trip.layout:
-                value = insert_call(graph, op.target, (value, *op.args[1:]), dict(op.kwargs), like=op)
+                try:
+                    value = self._replay_one(graph, op, value)
+                except _Refused:
+                    for node in reversed(created):
+                        graph.erase_node(node)
+                    raise
                 created.append(value)
         return value, created
+
+    @staticmethod
+    def _replay_one(graph: fx.Graph, op: fx.Node, value: fx.Node) -> fx.Node:
+        args, kwargs = (value, *op.args[1:]), dict(op.kwargs)
+        target = op.target
+        if not _fake_runs(target, args, kwargs):
+            # A wide cast may have made a dense copy of a strided tensor (`_to_copy` of an
+            # expand, say) that a `view` after it relies on; the narrow tensor still has
+            # the old strides. `reshape` gives the same values (a view where it can be one).
+            if target in (aten.view.default, aten._unsafe_view.default) and _fake_runs(
+                    aten.reshape.default, args, kwargs):
+                target = aten.reshape.default
+            else:
+                raise _Refused(f"{op.name}, which does not apply to the narrow tensor")
+        return insert_call(graph, target, args, kwargs, like=op)
 
     # ------------------------------------------------------------------ readers
     def _check_user(self, user: fx.Node, back: fx.Node, replacement: fx.Node,
@@ -228,6 +257,22 @@ class EliminateNoopCasts(GraphPass):
             if node not in state.erased and not node.users:
                 node.graph.erase_node(node)
                 state.erased.add(node)
+
+
+def _fake_runs(target: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `target` accepts these arguments' fake values (no node is made)."""
+    from torch._guards import detect_fake_mode
+
+    fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+    mode = detect_fake_mode([a for a in fake_args if isinstance(a, torch.Tensor)])
+    if mode is None:
+        return False
+    try:
+        with mode:
+            target(*fake_args, **fake_kwargs)
+    except Exception:
+        return False
+    return True
 
 
 class _GraphState:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from typing import Any, Iterator
 
 import torch
@@ -348,9 +349,7 @@ def writers(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 
 def _known_pure(node: fx.Node) -> bool:
-    import operator
-
-    return node.target is operator.getitem
+    return node.target is operator.getitem  # picks a tuple element: reads nothing
 
 
 def same_geometry(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -118,6 +118,17 @@ def test_round_trip_through_layout_op_moves_it_onto_the_narrow_tensor(layout):
             assert node.meta["val"].dtype == bf16
 
 
+def test_view_that_relied_on_the_wide_copy_being_dense_becomes_a_reshape():
+    # `.float()` of an expanded tensor is a dense copy, so `.view(48)` works on it; on the
+    # expanded bf16 tensor a view is impossible: the replay uses reshape (same values).
+    def fn(x):
+        return x.unsqueeze(0).expand(2, 4, 6).float().view(48).to(bf16) * 3
+
+    gm, stats = H.check_rewrite(fn, [x_of(bf16)])
+    assert n_casts(gm) == 0 and stats.rewritten == 1
+    assert any(is_op(n, aten.reshape.default) for n in gm.graph.nodes)
+
+
 def test_layout_op_in_front_of_opaque_op_when_layout_is_unchanged():
     # A dense permuted view: the copy keeps the view's strides, so the op can take the view.
     def fn(x):
