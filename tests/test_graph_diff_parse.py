@@ -267,3 +267,21 @@ def test_unreadable_kernel_source_does_not_stop_the_module():
 def test_read_triton_on_garbage():
     kind, info = read_triton("this is not python(", "triton_red_fused_sum_0")
     assert kind == "triton_reduction" and info is None
+
+
+def test_kernel_dataflow_graph_diff():
+    from fusewright.tools.graph_diff import kernel_graphs
+
+    (graph,) = kernel_graphs(offline_diff(str(TRITON / "roundtrip_view_into_opaque.py"),
+                                          str(TRITON / "cast_then_compute.py")))
+    g = graph.union
+    name = lambda n: g.nodes[n]["name"]
+    removed, added = graph.nodes("removed"), graph.nodes("added")
+    assert [name(n) for n in removed] == ["triton_poi_fused__to_copy_opaque_view_0"]
+    assert [name(n) for n in added] == ["triton_poi_fused__to_copy_add_mul_opaque_0"]
+    # the first opaque op fed the no-op copy before, and feeds the compute kernel after
+    assert sorted((name(u), name(v)) for u, v in graph.edges("removed")) == [
+        ("fw_fixture.opaque", "triton_poi_fused__to_copy_opaque_view_0"),
+        ("triton_poi_fused__to_copy_opaque_view_0", "fw_fixture.opaque")]
+    assert len(graph.edges("added")) == 2
+    assert ("in:arg0_1" in g) and ("out" in g)

@@ -411,3 +411,85 @@ def check_expectations(report: GraphDiffReport, *, no_noop: bool = False, fewer_
         unmet.append(f"--expect-close: outputs differ (max abs diff {report.numerics.max_abs_diff:g}; "
                      f"{report.numerics.detail})")
     return unmet
+
+
+# ----------------------------------------------------------------------------- kernel dataflow
+def kernel_graphs(report: GraphDiffReport) -> list[GraphDiff]:
+    """Per compiled graph, the kernels as a dataflow graph (kernel -> the kernels reading what
+    it wrote), both sides in one networkx graph with `status` on nodes and edges, in the same
+    form as the FX diff so the same renderer draws it."""
+    import networkx as nx
+
+    from .fx_diff import ADDED, REMOVED, UNCHANGED
+
+    match_id: dict[int, tuple[str, KernelMatch]] = {}
+    for j, m in enumerate(report.kernel_diff):
+        for k in (m.before, m.after):
+            if k is not None:
+                match_id[id(k)] = (f"k{j}", m)
+    sides = [report.before] + ([report.after] if report.after is not None else [])
+    count = max(len(s.codes) for s in sides)
+    out = []
+    for g in range(count):
+        union = nx.DiGraph()
+        edge_sets = []
+        for side in sides:
+            edges: set[tuple[str, str]] = set()
+            if g < len(side.codes):
+                code = side.codes[g]
+                last: dict[str, str] = {}
+
+                def source_of(buf: str) -> str | None:
+                    if buf in last:
+                        return last[buf]
+                    if buf in code.inputs:
+                        uid = f"in:{buf}"
+                        union.add_node(uid, name=buf, op="placeholder", target="input", val="", source=None,
+                                       status=UNCHANGED)
+                        return uid
+                    return None
+
+                for k in code.kernels:
+                    uid, m = match_id.get(id(k), (f"x{id(k)}", None))
+                    if uid not in union:
+                        shown = m.after or m.before if m else k
+                        tag = "no-op" if shown.is_noop else (shown.movement or "")
+                        union.add_node(uid, name=shown.name, op="kernel", target=_kernel_label(shown),
+                                       val=" ".join(x for x in (tag, _fmt_bytes(shown.bytes)) if x),
+                                       source=shown.noop_reason or ", ".join(shown.ops),
+                                       status=m.status if m and m.status != "kernel" else UNCHANGED)
+                    for buf in dict.fromkeys(k.reads):
+                        src = source_of(buf)
+                        if src is not None and src != uid:
+                            edges.add((src, uid))
+                    for buf in k.writes:
+                        last[buf] = uid
+                if code.outputs:
+                    union.add_node("out", name="output", op="output", target="output", val="", source=None,
+                                   status=UNCHANGED)
+                    for buf in code.outputs:
+                        src = source_of(buf)
+                        if src is not None:
+                            edges.add((src, "out"))
+            edge_sets.append(edges)
+        before_e = edge_sets[0]
+        after_e = edge_sets[1] if len(edge_sets) > 1 else edge_sets[0]
+        for u, v in before_e | after_e:
+            status = UNCHANGED if (u, v) in before_e and (u, v) in after_e else REMOVED if (u, v) in before_e \
+                else ADDED
+            union.add_edge(u, v, status=status)
+        out.append(GraphDiff(g, union))
+    return out
+
+
+def _kernel_label(k: Kernel) -> str:
+    kind = k.short_kind.replace("persistent", "per").replace("pointwise", "poi").replace("reduction", "red") \
+        .replace("template", "tem")
+    what = ", ".join(k.ops[:3]) if k.kind not in ("custom_op", "extern", "aten_fallback") else k.name
+    return f"{kind}: {what}" if what else f"{kind}: {k.name}"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1024:.0f} KB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MB"

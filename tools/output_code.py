@@ -46,6 +46,10 @@ class Kernel:
     graph: int = 0  # index of the compiled graph (several after graph breaks)
     noop_stores: int = 0  # stores that only copy (a C++ kernel can mix copy loops with compute)
     stores: int = 0
+    # buffers (alias roots in call(): `buf3 = buf2`, reinterpret_tensor views) read and written;
+    # they link kernels into a dataflow graph (render.kernel_graph)
+    reads: list[str] = dataclasses.field(default_factory=list)
+    writes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +71,8 @@ class OutputCode:
     code: str
     kernels: list[Kernel]
     label: str = ""  # where it came from: a path, "graph 0"
+    inputs: list[str] = dataclasses.field(default_factory=list)  # graph inputs (arg0_1, ...)
+    outputs: list[str] = dataclasses.field(default_factory=list)  # alias roots of what call() returns
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.kernels)
@@ -158,6 +164,18 @@ class _Buffers:
     def __init__(self) -> None:
         self.bufs: dict[str, _Buf] = {}
         self.symbols: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+
+    def root(self, node: ast.AST) -> str | None:
+        """The buffer an argument refers to, through aliases and reinterpret_tensor views."""
+        if isinstance(node, ast.Call) and _dotted(node.func) == "reinterpret_tensor" and node.args:
+            return self.root(node.args[0])
+        if isinstance(node, ast.Name) and (node.id in self.bufs or node.id in self.alias):
+            name = node.id
+            while name in self.alias and self.alias[name] != name:
+                name = self.alias[name]
+            return name
+        return None
 
     def of(self, node: ast.AST) -> _Buf | None:
         if isinstance(node, ast.Name):
@@ -168,6 +186,9 @@ class _Buffers:
         return None
 
     def assign(self, name: str, value: ast.AST) -> None:
+        root = self.root(value)
+        if root is not None and root != name:
+            self.alias[name] = root
         if isinstance(value, ast.Name):
             if value.id in self.bufs:
                 self.bufs[name] = self.bufs[value.id]
@@ -341,15 +362,25 @@ def parse_output_code(code: str, label: str = "", graph: int = 0) -> OutputCode:
             if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
                 buffers.assign(stmt.targets[0].id, stmt.value)
     kernels: list[Kernel] = []
+    inputs: list[str] = []
+    outputs: list[str] = []
     prev_line = 0
     for func in _call_functions(tree):
         for stmt in _statements(func.body):
             call = stmt.value if isinstance(stmt, (ast.Expr, ast.Assign)) else None
+            target = None
             if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
                 target = stmt.targets[0].id
                 launch = _launch_target(stmt.value, defs) if isinstance(stmt.value, ast.Call) else None
                 if launch is None:
                     buffers.assign(target, stmt.value)
+            elif (isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Tuple)
+                  and isinstance(stmt.value, ast.Name) and stmt.value.id == "args" and func.name == "call"):
+                inputs = [e.id for e in stmt.targets[0].elts if isinstance(e, ast.Name)]  # `arg0_1, arg1_1 = args`
+                for name in inputs:
+                    buffers.alias.setdefault(name, name)
+            elif isinstance(stmt, ast.Return) and isinstance(stmt.value, ast.Tuple) and func.name == "call":
+                outputs = [r for r in (buffers.root(e) for e in stmt.value.elts) if r]
             if not isinstance(call, ast.Call):
                 continue
             if _dotted(call.func) == "assert_size_stride":
@@ -365,8 +396,38 @@ def parse_output_code(code: str, label: str = "", graph: int = 0) -> OutputCode:
                 if m:
                     comment = m
             prev_line = stmt.lineno
-            kernels.append(_make_kernel(kind, name, form, call, defs, buffers, comment, graph))
-    return OutputCode(code, kernels, label)
+            kernel = _make_kernel(kind, name, form, call, defs, buffers, comment, graph)
+            _dataflow(kernel, form, call, defs, buffers, target)
+            kernels.append(kernel)
+    return OutputCode(code, kernels, label, inputs, outputs)
+
+
+def _dataflow(kernel: Kernel, form: str, call: ast.Call, defs, buffers: _Buffers, target: str | None) -> None:
+    """Which buffers a launch reads and writes, from parameter names where the kernel has them."""
+    if target is not None:  # `buf0 = torch.ops.ns.op.default(...)`: a new buffer
+        buffers.alias[target] = target
+        kernel.writes.append(target)
+    params: list[str] = []
+    if form in ("run", "call") and defs[kernel.name].info is not None:
+        params = list(defs[kernel.name].info.params)
+    for i, arg in enumerate(call.args):
+        root = buffers.root(arg)
+        if root is None:
+            continue
+        param = params[i] if i < len(params) else ""
+        if param.startswith(("in_out_ptr", "out_ptr")):
+            kernel.writes.append(root)
+            if param.startswith("in_out_ptr"):
+                kernel.reads.append(root)
+        elif param.startswith(("in_ptr", "arg_")) or form in ("op", "extern"):
+            kernel.reads.append(root)
+        else:  # a user kernel's parameters do not say which are written
+            kernel.reads.append(root)
+            kernel.writes.append(root)
+    for kw in call.keywords:
+        root = buffers.root(kw.value)
+        if root is not None:
+            (kernel.writes if kw.arg == "out" else kernel.reads).append(root)
 
 
 def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kernel:

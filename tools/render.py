@@ -15,9 +15,10 @@ from typing import Any
 import networkx as nx
 
 from .fx_diff import ADDED, REMOVED, UNCHANGED, GraphDiff
-from .graph_diff import GraphDiffReport
+from .graph_diff import GraphDiffReport, kernel_graphs
 
-COLORS = {REMOVED: ("#fde2e1", "#c0392b"), ADDED: ("#def7e3", "#1e8449"), UNCHANGED: ("#f2f3f4", "#99a3a4")}
+COLORS = {REMOVED: ("#fde2e1", "#c0392b"), ADDED: ("#def7e3", "#1e8449"), UNCHANGED: ("#f2f3f4", "#99a3a4"),
+          "changed": ("#fff6d5", "#b7950b")}
 STATUS_STYLE = {"removed": "red", "added": "green", "changed": "yellow", "unchanged": "dim"}
 MAX_NODES = 140
 
@@ -143,7 +144,7 @@ def _count(names: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- SVG
-NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 190, 38, 24, 46, 20
+NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 210, 38, 24, 46, 20
 
 
 def _visible(g: nx.DiGraph) -> tuple[nx.DiGraph, int]:
@@ -184,7 +185,7 @@ def graph_svg(diff: GraphDiff, title: str = "") -> tuple[str, int, int]:
     pos = _layout(g)
     cols = max((x for x, _ in pos.values()), default=0) + 1
     rows = max((y for _, y in pos.values()), default=0) + 1
-    width = int(MARGIN * 2 + cols * (NODE_W + GAP_X))
+    width = int(max(MARGIN * 2 + cols * (NODE_W + GAP_X), MARGIN * 2 + 9 * len(title) + (420 if hidden else 0)))
     height = int(MARGIN * 2 + 30 + rows * (NODE_H + GAP_Y))
     xy = {n: (MARGIN + x * (NODE_W + GAP_X), MARGIN + 30 + y * (NODE_H + GAP_Y)) for n, (x, y) in pos.items()}
     parts = [f'<text x="{MARGIN}" y="{MARGIN + 12}" class="title">{html.escape(title)}'
@@ -195,16 +196,23 @@ def graph_svg(diff: GraphDiff, title: str = "") -> tuple[str, int, int]:
         color = COLORS[d["status"]][1]
         dash = ' stroke-dasharray="5,3"' if d["status"] == REMOVED else ""
         width_px = 1.2 if d["status"] == UNCHANGED else 2.2
-        parts.append(f'<path d="M{sx:.0f},{sy:.0f} C{sx:.0f},{sy + GAP_Y / 2:.0f} {ex:.0f},{ey - GAP_Y / 2:.0f} '
+        if pos[v][1] - pos[u][1] > 1 and abs(sx - ex) < NODE_W:
+            # an edge that skips layers would run under the boxes between: bow it out to the side
+            off = NODE_W * 0.75
+            c1, c2 = f"{sx + off:.0f},{sy + (ey - sy) / 3:.0f}", f"{ex + off:.0f},{ey - (ey - sy) / 3:.0f}"
+        else:
+            c1, c2 = f"{sx:.0f},{sy + GAP_Y / 2:.0f}", f"{ex:.0f},{ey - GAP_Y / 2:.0f}"
+        parts.append(f'<path d="M{sx:.0f},{sy:.0f} C{c1} {c2} '
                      f'{ex:.0f},{ey:.0f}" stroke="{color}" stroke-width="{width_px}" fill="none"{dash} '
                      f'marker-end="url(#arrow-{d["status"]})"/>')
     for n, d in g.nodes(data=True):
         x, y = xy[n]
-        fill, stroke = COLORS[d["status"]]
+        fill, stroke = COLORS.get(d["status"], COLORS[UNCHANGED])
         label = d["name"] if d["op"] in ("placeholder", "get_attr") else d["target"]
-        label = label if len(label) <= 28 else label[:26] + ".."
+        tip_head = f"{d['status']}: {d['name']}" + (f" = {d['target']}" if d["op"] != "kernel" else "")
+        label = label if len(label) <= 30 else label[:28] + ".."
         val = (d.get("val") or "")[:32]
-        tip = f"{d['status']}: {d['name']} = {d['target']} {d.get('val') or ''}\n{d.get('source') or ''}"
+        tip = f"{tip_head} {d.get('val') or ''}\n{d.get('source') or ''}"
         parts.append(
             f'<g class="node {d["status"]}"><title>{html.escape(tip)}</title>'
             f'<rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{fill}" stroke="{stroke}" '
@@ -224,19 +232,21 @@ _STYLE = """<style>
 
 
 def render_svg(report: GraphDiffReport) -> str:
-    """A standalone SVG of every compiled graph's FX diff, stacked."""
-    frags, y, width = [], 40, 420
-    diffs = report.fx or []
-    for d in diffs:
-        frag, w, h = graph_svg(d, f"compiled graph {d.graph}: removed {len(d.nodes(REMOVED))}, "
-                                  f"added {len(d.nodes(ADDED))}, unchanged {len(d.nodes(UNCHANGED))}")
+    """A standalone SVG: every compiled graph's FX diff (live mode), then its kernels as a
+    dataflow graph (kernel -> kernels reading what it wrote), stacked top to bottom."""
+    frags, y, width = [], 40, 520
+    sections = [(d, f"compiled graph {d.graph}, FX: removed {len(d.nodes(REMOVED))}, added "
+                    f"{len(d.nodes(ADDED))}, unchanged {len(d.nodes(UNCHANGED))}") for d in report.fx]
+    for d in kernel_graphs(report):
+        kinds = [n for n, a in d.union.nodes(data=True) if a["op"] == "kernel"]
+        counts = {s: sum(d.union.nodes[n]["status"] == s for n in kinds) for s in ("removed", "added", "changed")}
+        sections.append((d, f"compiled graph {d.graph}, kernels: " + (
+            ", ".join(f"{s} {c}" for s, c in counts.items()) if report.after is not None else f"{len(kinds)}")))
+    for d, title in sections:
+        frag, w, h = graph_svg(d, title)
         frags.append(f'<g transform="translate(0,{y})">{frag}</g>')
         y += h
         width = max(width, w)
-    if not diffs:
-        frags.append(f'<text x="{MARGIN}" y="70" class="legend">no FX graphs (offline mode diffs output '
-                     'code only)</text>')
-        y += 60
     markers = "".join(
         f'<marker id="arrow-{s}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{c[1]}"/></marker>'
@@ -244,7 +254,7 @@ def render_svg(report: GraphDiffReport) -> str:
     legend = "".join(
         f'<rect x="{MARGIN + i * 120}" y="12" width="14" height="14" rx="3" fill="{COLORS[s][0]}" '
         f'stroke="{COLORS[s][1]}" stroke-width="2"/><text x="{MARGIN + 20 + i * 120}" y="24" '
-        f'class="legend">{s}</text>' for i, s in enumerate((REMOVED, ADDED, UNCHANGED)))
+        f'class="legend">{s}</text>' for i, s in enumerate((REMOVED, ADDED, "changed", UNCHANGED)))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + MARGIN}" '
             f'viewBox="0 0 {width} {y + MARGIN}">{_STYLE}<defs>{markers}</defs>'
             f'<rect width="100%" height="100%" fill="white"/>{legend}' + "\n".join(frags) + "</svg>")
@@ -292,7 +302,7 @@ def render_html(report: GraphDiffReport) -> str:
 {''.join(rows)}</table>
 <h2>FX graph changes by model source line</h2>
 <table><tr><th>graph</th><th>source</th><th>removed</th><th>added</th></tr>{fx_rows or '<tr><td colspan=4>none</td></tr>'}</table>
-<h2>FX graph diff</h2>
+<h2>Graph diff (FX graph, then kernels as dataflow)</h2>
 <div class="svg">{render_svg(report)}</div>
 </body></html>
 """
