@@ -200,20 +200,23 @@ def _offs(c, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr):
 
 
 @triton.jit
-def _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr,
-            CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
-            HS_DT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
-    """Chunk c of the rows: h, the norm's input (after the residual add), as it is kept in
-    registers until the row statistic is known: in the input dtype when that is exact
-    (HS_DT != 0: half the registers of f32, so more rows in flight per SM), else f32.
-    Stores the new residual."""
+def _ld(ptr, roff, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+        MASKED: tl.constexpr):
+    """Raw load of chunk c of the rows (no conversion: the raw chunk is what a prefetch keeps)."""
     col = _offs(c, CH, CG, GS)
     if MASKED:
-        m = rmask & (col < H)
-        xv = tl.load(x_ptr + xrow + col, mask=m, other=0.0)
+        return tl.load(ptr + roff + col, mask=rmask & (col < H), other=0.0)
     else:
-        m = None
-        xv = tl.load(x_ptr + xrow + col)
+        return tl.load(ptr + roff + col)
+
+
+@triton.jit
+def _finish_h(xv, rv, ro_ptr, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+              GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr, HS_DT: tl.constexpr,
+              MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """h, the norm's input (after the residual add), as it is kept in registers until the row
+    statistic is known: in the input dtype when that is exact (HS_DT != 0: half the
+    registers of f32, so more rows in flight per SM), else f32. Stores the new residual."""
     if RES == 0:
         if HS_DT == 0:
             h = _up(xv, XDT, INTERP)
@@ -221,17 +224,15 @@ def _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask, c, H: tl.constexpr, C
             h = xv
     else:
         x = _up(xv, XDT, INTERP)
-        if MASKED:
-            r = _up(tl.load(r_ptr + rrow + col, mask=m, other=0.0), XDT, INTERP)
-        else:
-            r = _up(tl.load(r_ptr + rrow + col), XDT, INTERP)
+        r = _up(rv, XDT, INTERP)
         if RES == 1:  # add in the input dtype: the sum is rounded, the norm reads the rounded sum
             h = _rnd(x + r, XDT, INTERP)
         else:  # f32 add: the norm reads the unrounded sum
             h = x + r
         hx = _cvt_out(h, XDT, INTERP)
+        col = _offs(c, CH, CG, GS)
         if MASKED:
-            tl.store(ro_ptr + orow + col, hx, mask=m)
+            tl.store(ro_ptr + orow + col, hx, mask=rmask & (col < H))
         else:
             tl.store(ro_ptr + orow + col, hx)
         if HS_DT != 0:
@@ -380,9 +381,10 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
 
 # ---------------------------------------------------------------------- kernel
 @triton.jit
-def _rms_norm_quant_kernel(
-    x_ptr, w_ptr, r_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr,
-    M, x_stride, r_stride,
+def _process(
+    rows, x0, x1, x2, x3, x4, x5, x6, x7,
+    r0, r1, r2, r3, r4, r5, r6, r7,
+    w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
     H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
     ROWS: tl.constexpr, MASKED: tl.constexpr,
     XDT: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr,
@@ -394,12 +396,10 @@ def _rms_norm_quant_kernel(
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    """Everything after the raw loads of the rows' chunks x0.. (and residual r0..; unused
+    ones are dummies)."""
     rmask3 = (rows < M)[:, None, None]
     r64 = rows.to(tl.int64)[:, None, None]
-    xrow = r64 * x_stride
-    rrow = r64 * r_stride
     orow = r64 * H  # outputs are contiguous [M, H]
     INT8: tl.constexpr = KIND == 3
     # registers: the row is kept in the input dtype when that is exact (no f32 residual add),
@@ -408,35 +408,35 @@ def _rms_norm_quant_kernel(
     YS_DT: tl.constexpr = 0 if FAST else ODT
 
     # ---- pass 1: load every chunk once, sum of squares
-    h0 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h0 = _finish_h(x0, r0, ro_ptr, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
     hh = _up(h0, HS_DT, INTERP)
     ss = tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 1:
-        h1 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h1 = _finish_h(x1, r1, ro_ptr, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h1, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 2:
-        h2 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h2 = _finish_h(x2, r2, ro_ptr, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h2, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 3:
-        h3 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h3 = _finish_h(x3, r3, ro_ptr, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h3, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 4:
-        h4 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h4 = _finish_h(x4, r4, ro_ptr, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h4, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 5:
-        h5 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h5 = _finish_h(x5, r5, ro_ptr, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h5, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 6:
-        h6 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h6 = _finish_h(x6, r6, ro_ptr, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h6, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
     if NCH > 7:
-        h7 = _load_h(x_ptr, r_ptr, ro_ptr, xrow, rrow, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        h7 = _finish_h(x7, r7, ro_ptr, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
         hh = _up(h7, HS_DT, INTERP)
         ss += tl.sum(tl.sum(hh * hh, 2), 1)
 
@@ -599,6 +599,276 @@ def _rms_norm_quant_kernel(
                          FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
 
 
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, w_ptr, r_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr,
+    M, x_stride, r_stride,
+    H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+    ROWS: tl.constexpr, MASKED: tl.constexpr,
+    XDT: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr,
+    RES: tl.constexpr, WST: tl.constexpr, INV: tl.constexpr, EPS: tl.constexpr,
+    KIND: tl.constexpr, G: tl.constexpr, COLMAJ: tl.constexpr, UE8M0: tl.constexpr,
+    SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+    FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
+    RCONST: tl.constexpr, RH: tl.constexpr,
+    APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
+    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr,
+):
+    """One program per ROWS rows, or (PERSIST) a persistent loop over rows: the next row's
+    raw chunks are loaded before the current one is processed, so every program keeps a
+    row's loads in flight while it computes (loop-carried registers, no shared memory)."""
+    pid = tl.program_id(0)
+    # the persistent loop's prefetch of the row after the last one is masked off
+    LDMASK: tl.constexpr = PERSIST or MASKED
+    if PERSIST:
+        nprog = tl.num_programs(0)
+        rows = pid + tl.arange(0, 1)
+        rows_x = rows.to(tl.int64)[:, None, None] * x_stride
+        rows_r = rows.to(tl.int64)[:, None, None] * r_stride
+        lm = (rows < M)[:, None, None]
+        x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
+        if RES != 0:
+            r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
+        else:
+            r0 = x0
+        if NCH > 1:
+            x1 = _ld(x_ptr, rows_x, lm, 1, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r1 = _ld(r_ptr, rows_r, lm, 1, H, CH, CG, GS, LDMASK)
+            else:
+                r1 = x1
+        else:
+            x1 = x0
+            r1 = r0
+        if NCH > 2:
+            x2 = _ld(x_ptr, rows_x, lm, 2, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r2 = _ld(r_ptr, rows_r, lm, 2, H, CH, CG, GS, LDMASK)
+            else:
+                r2 = x2
+        else:
+            x2 = x0
+            r2 = r0
+        if NCH > 3:
+            x3 = _ld(x_ptr, rows_x, lm, 3, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r3 = _ld(r_ptr, rows_r, lm, 3, H, CH, CG, GS, LDMASK)
+            else:
+                r3 = x3
+        else:
+            x3 = x0
+            r3 = r0
+        if NCH > 4:
+            x4 = _ld(x_ptr, rows_x, lm, 4, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r4 = _ld(r_ptr, rows_r, lm, 4, H, CH, CG, GS, LDMASK)
+            else:
+                r4 = x4
+        else:
+            x4 = x0
+            r4 = r0
+        if NCH > 5:
+            x5 = _ld(x_ptr, rows_x, lm, 5, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r5 = _ld(r_ptr, rows_r, lm, 5, H, CH, CG, GS, LDMASK)
+            else:
+                r5 = x5
+        else:
+            x5 = x0
+            r5 = r0
+        if NCH > 6:
+            x6 = _ld(x_ptr, rows_x, lm, 6, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r6 = _ld(r_ptr, rows_r, lm, 6, H, CH, CG, GS, LDMASK)
+            else:
+                r6 = x6
+        else:
+            x6 = x0
+            r6 = r0
+        if NCH > 7:
+            x7 = _ld(x_ptr, rows_x, lm, 7, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r7 = _ld(r_ptr, rows_r, lm, 7, H, CH, CG, GS, LDMASK)
+            else:
+                r7 = x7
+        else:
+            x7 = x0
+            r7 = r0
+        for _ in range(pid, M, nprog):
+            nrows = rows + nprog
+            nrows_x = nrows.to(tl.int64)[:, None, None] * x_stride
+            nrows_r = nrows.to(tl.int64)[:, None, None] * r_stride
+            nlm = (nrows < M)[:, None, None]
+            nx0 = _ld(x_ptr, nrows_x, nlm, 0, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                nr0 = _ld(r_ptr, nrows_r, nlm, 0, H, CH, CG, GS, LDMASK)
+            else:
+                nr0 = nx0
+            if NCH > 1:
+                nx1 = _ld(x_ptr, nrows_x, nlm, 1, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr1 = _ld(r_ptr, nrows_r, nlm, 1, H, CH, CG, GS, LDMASK)
+                else:
+                    nr1 = nx1
+            else:
+                nx1 = nx0
+                nr1 = nr0
+            if NCH > 2:
+                nx2 = _ld(x_ptr, nrows_x, nlm, 2, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr2 = _ld(r_ptr, nrows_r, nlm, 2, H, CH, CG, GS, LDMASK)
+                else:
+                    nr2 = nx2
+            else:
+                nx2 = nx0
+                nr2 = nr0
+            if NCH > 3:
+                nx3 = _ld(x_ptr, nrows_x, nlm, 3, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr3 = _ld(r_ptr, nrows_r, nlm, 3, H, CH, CG, GS, LDMASK)
+                else:
+                    nr3 = nx3
+            else:
+                nx3 = nx0
+                nr3 = nr0
+            if NCH > 4:
+                nx4 = _ld(x_ptr, nrows_x, nlm, 4, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr4 = _ld(r_ptr, nrows_r, nlm, 4, H, CH, CG, GS, LDMASK)
+                else:
+                    nr4 = nx4
+            else:
+                nx4 = nx0
+                nr4 = nr0
+            if NCH > 5:
+                nx5 = _ld(x_ptr, nrows_x, nlm, 5, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr5 = _ld(r_ptr, nrows_r, nlm, 5, H, CH, CG, GS, LDMASK)
+                else:
+                    nr5 = nx5
+            else:
+                nx5 = nx0
+                nr5 = nr0
+            if NCH > 6:
+                nx6 = _ld(x_ptr, nrows_x, nlm, 6, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr6 = _ld(r_ptr, nrows_r, nlm, 6, H, CH, CG, GS, LDMASK)
+                else:
+                    nr6 = nx6
+            else:
+                nx6 = nx0
+                nr6 = nr0
+            if NCH > 7:
+                nx7 = _ld(x_ptr, nrows_x, nlm, 7, H, CH, CG, GS, LDMASK)
+                if RES != 0:
+                    nr7 = _ld(r_ptr, nrows_r, nlm, 7, H, CH, CG, GS, LDMASK)
+                else:
+                    nr7 = nx7
+            else:
+                nx7 = nx0
+                nr7 = nr0
+            _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
+                     r0, r1, r2, r3, r4, r5, r6, r7,
+                     w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP)
+            x0 = nx0
+            r0 = nr0
+            x1 = nx1
+            r1 = nr1
+            x2 = nx2
+            r2 = nr2
+            x3 = nx3
+            r3 = nr3
+            x4 = nx4
+            r4 = nr4
+            x5 = nx5
+            r5 = nr5
+            x6 = nx6
+            r6 = nr6
+            x7 = nx7
+            r7 = nr7
+            rows = nrows
+    else:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        rows_x = rows.to(tl.int64)[:, None, None] * x_stride
+        rows_r = rows.to(tl.int64)[:, None, None] * r_stride
+        lm = (rows < M)[:, None, None]
+        x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
+        if RES != 0:
+            r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
+        else:
+            r0 = x0
+        if NCH > 1:
+            x1 = _ld(x_ptr, rows_x, lm, 1, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r1 = _ld(r_ptr, rows_r, lm, 1, H, CH, CG, GS, LDMASK)
+            else:
+                r1 = x1
+        else:
+            x1 = x0
+            r1 = r0
+        if NCH > 2:
+            x2 = _ld(x_ptr, rows_x, lm, 2, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r2 = _ld(r_ptr, rows_r, lm, 2, H, CH, CG, GS, LDMASK)
+            else:
+                r2 = x2
+        else:
+            x2 = x0
+            r2 = r0
+        if NCH > 3:
+            x3 = _ld(x_ptr, rows_x, lm, 3, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r3 = _ld(r_ptr, rows_r, lm, 3, H, CH, CG, GS, LDMASK)
+            else:
+                r3 = x3
+        else:
+            x3 = x0
+            r3 = r0
+        if NCH > 4:
+            x4 = _ld(x_ptr, rows_x, lm, 4, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r4 = _ld(r_ptr, rows_r, lm, 4, H, CH, CG, GS, LDMASK)
+            else:
+                r4 = x4
+        else:
+            x4 = x0
+            r4 = r0
+        if NCH > 5:
+            x5 = _ld(x_ptr, rows_x, lm, 5, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r5 = _ld(r_ptr, rows_r, lm, 5, H, CH, CG, GS, LDMASK)
+            else:
+                r5 = x5
+        else:
+            x5 = x0
+            r5 = r0
+        if NCH > 6:
+            x6 = _ld(x_ptr, rows_x, lm, 6, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r6 = _ld(r_ptr, rows_r, lm, 6, H, CH, CG, GS, LDMASK)
+            else:
+                r6 = x6
+        else:
+            x6 = x0
+            r6 = r0
+        if NCH > 7:
+            x7 = _ld(x_ptr, rows_x, lm, 7, H, CH, CG, GS, LDMASK)
+            if RES != 0:
+                r7 = _ld(r_ptr, rows_r, lm, 7, H, CH, CG, GS, LDMASK)
+            else:
+                r7 = x7
+        else:
+            x7 = x0
+            r7 = r0
+        _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
+                 r0, r1, r2, r3, r4, r5, r6, r7,
+                 w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
+                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP)
+
+
 @triton.jit
 def _chunk_local(h, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                  H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
@@ -625,6 +895,13 @@ def _chunk_local(h, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_
 def _f32_recip(v: float) -> float:
     """RN_f32(1 / v) as a Python float (the reciprocal `_div_exact` needs for a constant divisor)."""
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(v), dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 def _interpreting() -> bool:
@@ -662,6 +939,18 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     return f"{fam}/{hidden}/{size}"
 
 
+def _lookup(table: dict, key: str) -> dict:
+    """The table entry for `key`, else the same family and size at the nearest measured hidden
+    size, else (a residual family not measured) the family without the residual."""
+    fam, hidden, size = key.split("/")
+    for f in (fam, fam.replace("+res", "")):
+        cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
+                 if k.split("/")[0] == f and k.split("/")[2] == size]
+        if cands:
+            return min(cands, key=lambda c: c[0])[1]
+    return {}
+
+
 def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | None = None) -> dict:
     """Tile plan for hidden size `hidden` and `m` rows: chunk width CH (a power of two), chunk
     count NCH (<= 8), group tile GS x CG, rows per program, warps. Sources, later ones win:
@@ -671,10 +960,7 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
     gs = q.group_size if q.kind == "fp8_per_group" else 0
     if gs and gs & (gs - 1):
         raise SpecError(f"group size {gs} is not a power of two: no Triton tiling for it")
-    table = _tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH)
-    key = tuning_key(spec, hidden, m)
-    # a residual family not measured falls back to the same family without the residual
-    t = dict(table.get(key) or table.get(key.replace("+res", ""), {}))
+    t = dict(_lookup(_tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH), tuning_key(spec, hidden, m)))
     t.update(tuning or {})
     # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
     # columns for large rows (128-bit loads for 4 warps), at least one group
@@ -694,7 +980,7 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
         if m is not None and m < SMALL_M and ch * rows >= 1024:
             warps = 8
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
-                num_stages=t.get("num_stages", 1))
+                num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0)
 
 
 def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
@@ -787,7 +1073,10 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0)
     smd = quant.scale_math_dtype
     fast = spec.numerics == "fast"
+    persist = bool(cfg.get("PERSIST")) and cfg["ROWS"] == 1
     grid = (triton.cdiv(m, cfg["ROWS"]),)
+    if persist:  # PERSIST = programs per SM
+        grid = (min(m, _num_sms(dev) * int(cfg["PERSIST"])),)
     compiled = _rms_norm_quant_kernel[grid](
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
@@ -802,7 +1091,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
         RCONST=_f32_recip(quant.scale_const), RH=_f32_recip(hidden),
         APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
         SIN_DT=_DT_CODE.get(scale.dtype, 0) if scale is not None else 0,
-        RET_Y=bool(spec.return_normalized), FAST=fast, INTERP=interp,
+        RET_Y=bool(spec.return_normalized), FAST=fast, INTERP=interp, PERSIST=persist,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if info is not None:

@@ -182,6 +182,7 @@ def mismatches(got, ref) -> list[str]:
 
 
 # ------------------------------------------------------------ interpreter
+_CORE = ("token-none", "g128-input_dtype", "static-f32", "int8-none", "g64_col_ue8m0-input_dtype")
 _INTERP_SHAPES = ((5, 256), (3, 320), (9, 64), (2, 4, 128))
 
 
@@ -203,6 +204,20 @@ def _interp_worker() -> dict:
             count += 1
             if errs:
                 failures[f"{name}@{shape}"] = errs
+
+    # the persistent variant (a loop over rows with the next row prefetched), few programs
+    for name, spec in spec_matrix(full=False):
+        if name not in _CORE and name not in ("token-f32", "fast-token_div", "token-ret", "gemma-g128-ret"):
+            continue
+        for shape in ((9, 256), (5, 320), (7, 2, 64)):
+            if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
+                continue
+            x, w, r, s = grid_inputs(spec, shape)
+            errs = mismatches(launch(spec, x, w, r, s, tuning={"PERSIST": 1, "ROWS": 1}),
+                              reference_cr(spec, x, w, r, s))
+            count += 1
+            if errs:
+                failures[f"persist:{name}@{shape}"] = errs
 
     # what the interpreter itself does with f32 -> bf16 / fp8 (why the kernel emulates them)
     @triton.jit
@@ -239,7 +254,7 @@ def interp_result():
 
 
 def test_interpreter_matrix_bitwise(interp_result):
-    assert interp_result["cases"] > 100
+    assert interp_result["cases"] > 150
     assert not interp_result["failures"], json.dumps(interp_result["failures"], indent=1)[:6000]
 
 
@@ -276,16 +291,14 @@ def test_plan_has_no_padding_waste_at_common_sizes():
 
 # ------------------------------------------------------------------- GPU
 gpu = pytest.mark.gpu
-_GPU_SHAPES = ((1, 4096), (7, 7168), (333, 5120), (130, 2880), (67, 8192), (1000, 4096), (33, 128), (5, 3, 1536))
+_GPU_SHAPES = ((1, 4096), (7, 7168), (333, 5120), (130, 2880), (67, 8192), (1000, 4096), (33, 128), (5, 3, 1536),
+               (1500, 7168), (2100, 4096))  # the last two take the large-M plans (persistent ones included)
 
 
 def _gpu_launch():
     from fusewright.lowering.norm_quant_triton import launch
 
     return launch
-
-
-_CORE = ("token-none", "g128-input_dtype", "static-f32", "int8-none", "g64_col_ue8m0-input_dtype")
 
 
 @gpu

@@ -174,10 +174,14 @@ QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
 # --sweep: tile configs per family (lowering/norm_quant_triton.tuning_key) and hidden size;
 # the fastest goes into the tuning table (--write-tuning, shipped as norm_quant_tuning.json)
 SWEEP_FAMILIES = {"token": "token", "local": "group128", "local+res": "add_group128", "token+res": "add_token"}
-SWEEP_H = (4096, 5120, 7168, 8192)
+SWEEP_H = {"token": (4096, 5120, 7168, 8192), "local": (4096, 5120, 7168, 8192), "local+res": (4096, 7168),
+           "token+res": (4096, 7168)}
+# PERSIST = programs per SM of the persistent variant (same compiled kernel for any count)
 SWEEP_LARGE = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 2048, "num_warps": 8},
-               {"CH": 2048, "num_warps": 16}]
-SWEEP_SMALL_H = {4096: (4096, 5120), 7168: (7168, 8192)}  # measured H -> H it stands for
+               {"CH": 2048, "num_warps": 16}, {"CH": 1024, "num_warps": 4, "PERSIST": 4},
+               {"CH": 1024, "num_warps": 4, "PERSIST": 8}, {"CH": 1024, "num_warps": 8, "PERSIST": 2},
+               {"CH": 1024, "num_warps": 8, "PERSIST": 4}]
+SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16}]
 
 
@@ -202,15 +206,14 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
 
     for fam in families:
         name = SWEEP_FAMILIES[fam]
-        for H in SWEEP_H:
+        for H in SWEEP_H[fam]:
             best = best_of(fam, name, 16384, H, SWEEP_LARGE)
             if best:
                 table[f"{fam}/{H}/large"] = dict(best[1], us=best[0], measured_at="T=16384")
-        for H, covers in SWEEP_SMALL_H.items():
+        for H in SWEEP_SMALL_H:
             best = best_of(fam, name, 64, H, SWEEP_SMALL)
             if best:
-                for h2 in covers:
-                    table[f"{fam}/{h2}/small"] = dict(best[1], us=best[0], measured_at=f"T=64 H={H}")
+                table[f"{fam}/{H}/small"] = dict(best[1], us=best[0], measured_at="T=64")
         if out_path:  # written after each family, so a cut-off sweep still leaves a table
             with open(out_path, "w") as f:
                 json.dump({"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
@@ -244,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
     parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (no Inductor)")
-    parser.add_argument("--families", default=",".join(SWEEP_FAMILIES), help="--sweep: families to tune")
+    parser.add_argument("--families", default="token,local,local+res", help="--sweep: families to tune")
     parser.add_argument("--write-tuning", metavar="PATH", help="--sweep: write the best plans as a tuning table")
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
     parser.add_argument("--reps", type=int, default=30)
