@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None,
                         help="compile with dynamic shapes (default: torch.compile's choice)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    parser.add_argument("--svg", metavar="PATH", help="write a picture of the FX graph diff (SVG)")
+    parser.add_argument("--svg", metavar="PATH", help="write a picture of the diff (SVG): FX graph (live mode), kernels as dataflow")
     parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     parser.add_argument("--rtol", type=float, default=None, help="output comparison rtol (default: per dtype)")
     parser.add_argument("--atol", type=float, default=None, help="output comparison atol (default: per dtype)")

@@ -3,7 +3,9 @@
 Two ways in, one report out:
 
 * live (`live_diff`): compile a model twice with Inductor (fusewright off, then on),
-  Dynamo reset and caches off before each; keep every compiled graph's post-grad FX
+  Dynamo reset and the FX graph cache off before each (a cache hit would skip the
+  passes; kernel binary caches stay on: keyed by kernel source, they cannot change
+  what is generated, and turning them off costs seconds of C++ compiles per graph); keep every compiled graph's post-grad FX
   graph (around the passes) and output code; run both on the example inputs.
 * offline (`offline_diff`): two sets of output code (files, `TORCH_LOGS` logs or debug
   directories) from anywhere; no plugin involved. One set alone (`single_report`) lists
@@ -23,6 +25,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -83,8 +86,6 @@ class KernelMatch:
 
 
 def _stem(name: str) -> str:
-    import re
-
     return re.sub(r"_\d+$", "", name)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -457,8 +458,6 @@ def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kerne
             dtypes = list(info.params.values())
             kernel.bytes = buffers.bytes_of(args[:len(names)], dtypes, names)
         else:
-            import hashlib
-
             kernel.signature = hashlib.sha1(f"{kind}\n{d.source}".encode()).hexdigest()[:12]
     else:
         if not kernel.ops:
@@ -467,8 +466,6 @@ def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kerne
         for arg in args + out_kw:
             buf = buffers.of(arg)
             shapes.append(f"{buf.shape}:{buf.dtype}" if buf else "?")
-        import hashlib
-
         kernel.signature = hashlib.sha1(f"{kind}\n{name}\n{shapes}".encode()).hexdigest()[:12]
         kernel.bytes = buffers.bytes_of(args + out_kw)
     return kernel
