@@ -53,6 +53,12 @@ def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch |
     if isinstance(norm, Decline):
         return norm
     hidden = static_int(tensor_meta(mean.args[0]).shape[-1])
+    for role, node in (("input", norm.x), ("residual", norm.residual)):
+        val = tensor_meta(node) if node is not None else None
+        if val is not None and not val.is_contiguous():
+            # the fused op's outputs are contiguous; a strided input would change the
+            # layout the rest of the graph sees (and the kernels read rows contiguously)
+            return Decline(f"the norm's {role} is not contiguous", norm.mean)
     values, tails = find_tails(norm.out, hidden)
     good = [t for t in tails if isinstance(t, QuantTailMatch)]
     bad = [t for t in tails if isinstance(t, Decline)]

@@ -139,6 +139,15 @@ def test_declined_with_reason(fn, reason):
     assert _unchanged(before, after)
 
 
+def test_strided_input_declined():
+    def fn(x, w):
+        return token(llama(x.t(), w))
+
+    stats, before, after, _, _ = _run(fn, [torch.randn(256, 8).to(BF16), torch.rand(256).to(BF16) + 0.5])
+    assert stats.rewritten == 0 and "not contiguous" in _reasons(stats)
+    assert _unchanged(before, after)
+
+
 def test_groups_straddling_rows_declined():
     """H=96 with groups of 64 over the flattened tensor: groups would cross rows."""
 
