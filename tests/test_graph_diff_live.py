@@ -183,3 +183,30 @@ def test_failed_compile_is_a_graph_diff_error():
     fn, args, _ = load_target(f"{TARGETS / 'roundtrip.py'}:fails_to_compile")
     with pytest.raises(GraphDiffError, match="compiling with stock Inductor failed: RuntimeError: boom"):
         live_diff(fn, args)
+
+
+@pytest.mark.models
+def test_tiny_llama_with_fp8_linears():
+    """A real transformers Llama layer (tiny config, random weights, torchao-style FP8
+    rowwise activation quant): every launch classified, RMSNorm->quant rewrites visible in
+    the FX diff at modeling_llama.py's lines, outputs unchanged."""
+    pytest.importorskip("transformers")
+    fn, args, kwargs = load_target("fusewright.tools.model_zoo:llama", device="cpu")
+    report = live_diff(fn, args, kwargs=kwargs, target="llama")
+    kinds = {k.kind for side in (report.before, report.after) for k in side.kernels}
+    assert kinds <= {"cpp", "extern", "aten_fallback", "custom_op"} and "cpp" in kinds and "extern" in kinds
+    assert report.rewrites.get("fuse_norm_quant", 0) >= 1
+    rows = [row for g in report.fx for row in g.by_source()]
+    assert any(row["source"].startswith("modeling_llama.py") and "rsqrt" in row["removed"] for row in rows)
+    assert report.numerics.ok
+    d = report.to_dict()
+    assert d["before"]["kernel_count"] == len(report.before.kernels) > 5
+
+
+@pytest.mark.gpu
+def test_cuda_live_diff_removes_a_triton_noop_kernel():
+    fn, args, kwargs = load_target(f"{TARGETS / 'roundtrip.py'}:factory_with_device", device="cuda")
+    report = live_diff(fn, args, {"fuse_norm_quant": False}, kwargs=kwargs)
+    removed = [m.before for m in report.kernel_diff if m.status == "removed"]
+    assert [(k.kind, k.is_noop) for k in removed] == [("triton_pointwise", True)]
+    assert not testing.noop_kernels(report) and report.numerics.bitwise
