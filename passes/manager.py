@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPassBase
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .base import GraphPass, PassContext, Stage
 from ..lowering.registry import uuid as lowering_uuid
@@ -78,11 +78,13 @@ class FusewrightPassManager(CustomGraphPass):
     def uuid(self) -> str | None:
         chained_uuid: Any = ""
         if self.chained is not None:
-            if not isinstance(self.chained, CustomPassBase):
+            # Duck-typed rather than isinstance(CustomPassBase), which torch 2.11 lacks.
+            chained_key = getattr(self.chained, "uuid", None)
+            if not callable(chained_key):
                 # A plain callable has no cache key: returning None makes Inductor bypass
                 # its FX graph cache, the only safe choice.
                 return None
-            chained_uuid = self.chained.uuid()
+            chained_uuid = chained_key()
             if chained_uuid is None:
                 return None
         hasher = hashlib.sha256()
