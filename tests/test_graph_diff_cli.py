@@ -48,8 +48,10 @@ def test_offline_diff_and_single_file(tmp_path, capsys):
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["mode"] == "offline" and report["kernel_diff"]["removed"] == 1
-    assert main(["graph-diff", str(TRITON / "debug")]) == 0
+    svg, html = tmp_path / "single.svg", tmp_path / "single.html"
+    assert main(["graph-diff", str(TRITON / "debug"), "--svg", str(svg), "--html", str(html)]) == 0
     assert "4 kernel(s) in 2 graph(s); 1 no-op" in capsys.readouterr().out.replace("\n", " ")
+    assert ET.parse(svg).getroot().tag.endswith("svg") and "triton_poi_fused__to_copy_view_0" in html.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

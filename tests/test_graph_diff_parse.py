@@ -92,6 +92,13 @@ def test_one_computed_store_makes_the_kernel_compute():
     assert not kernel.is_noop and kernel.body_ops == ["mult"]
 
 
+def test_indirect_copy_is_a_gather_not_a_noop():
+    code = _edit_kernel("identity_clone", "tmp0 = tl.load(in_ptr0 + (x0), None).to(tl.float32)",
+                        "tmp9 = x0 // 2\n    tmp0 = tl.load(in_ptr0 + (tmp9), None).to(tl.float32)")
+    (kernel,) = parse_kernels(code)
+    assert not kernel.is_noop and kernel.movement == "gather/scatter copy (indirect index)"
+
+
 def test_bitcast_is_not_a_conversion():
     code = _edit_kernel("identity_clone", "tl.store(out_ptr0 + (x0), tmp0, None)",
                         "tmp1 = tmp0.to(tl.int16, bitcast=True)\n    tl.store(out_ptr0 + (x0), tmp1, None)")

@@ -114,6 +114,8 @@ class Store:
         if not all(lossless(src, d) for d in dtypes[1:]):
             trip = "->".join(_dedupe(dtypes))
             return False, f"lossy round trip {trip}"
+        if re.search(r"\btmp\d+", chain.index) or re.search(r"\btmp\d+", self.index):
+            return False, "gather/scatter copy (indirect index)"  # an embedding lookup, an index_put
         if chain.transposed or _norm_index(chain.index) != _norm_index(self.index):
             return False, "layout copy"
         return True, None
