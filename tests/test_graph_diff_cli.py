@@ -54,6 +54,13 @@ def test_offline_diff_and_single_file(tmp_path, capsys):
     assert ET.parse(svg).getroot().tag.endswith("svg") and "triton_poi_fused__to_copy_view_0" in html.read_text()
 
 
+def test_show_prints_kernel_sources(capsys):
+    assert main(["graph-diff", str(TRITON / "roundtrip_view_into_opaque.py"), "--show", "*noop",
+                 "--show", "no_such_kernel"]) == 0
+    out = capsys.readouterr().out
+    assert "tl.store(in_out_ptr0 + (x0), tmp2, None)" in out and "--show no_such_kernel: no such kernel" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     ([str(TRITON / "identity_clone.py"), "--expect-no-noop"],
      "--expect-no-noop: 1 no-op kernel(s) remain: triton_poi_fused_clone_0"),

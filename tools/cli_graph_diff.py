@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-rewrites", action="append", default=[], metavar="PASS=N",
                         help="exit 1 unless PASS rewrote exactly N constructs (repeatable; live mode)")
     parser.add_argument("--expect-close", action="store_true", help="exit 1 if the outputs differ")
+    parser.add_argument("--show", action="append", default=[], metavar="KERNEL",
+                        help="print the source of the kernels with this name (repeatable; '*noop' = every no-op)")
     parser.add_argument("--verbose", "-v", action="store_true", help="list unchanged kernels of large diffs too")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -115,6 +117,8 @@ def main(args: argparse.Namespace, config) -> int:
     from .render import print_report, render_html, render_svg
 
     print_report(report, console, verbose=args.verbose)
+    if args.show:
+        _show(report, args.show, console)
     try:
         if args.json:
             with open(args.json, "w") as f:
@@ -159,3 +163,25 @@ def _run(mode: str, args: argparse.Namespace, config, console):
                            atol=args.atol, target=target, device=device,
                            progress=lambda msg: progress.update(task, description=msg))
     return report
+
+
+def _show(report, names: list[str], console) -> None:
+    """Print the generated source of the named kernels, side by side label first."""
+    from rich.syntax import Syntax
+
+    sides = [report.before] + ([report.after] if report.after is not None else [])
+    for name in names:
+        found = [(side.label, k) for side in sides for k in side.kernels
+                 if k.name == name or (name == "*noop" and k.is_noop)]
+        if not found:
+            console.print(f"[yellow]--show {name}: no such kernel[/]")
+        for label, k in found:
+            console.rule(f"{label}: {k.name} (graph {k.graph}, {k.kind})")
+            if k.source:
+                lexer = "cpp" if k.kind == "cpp" else "python"
+                source = k.source
+                if "@triton.jit" in source:  # the imports and autotune metadata above it are noise here
+                    source = source[source.index("@triton.jit"):]
+                console.print(Syntax(source, lexer, line_numbers=False, word_wrap=True))
+            else:
+                console.print(f"({k.kind}: no generated source; reads {k.reads}, writes {k.writes})")

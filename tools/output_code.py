@@ -51,6 +51,7 @@ class Kernel:
     # they link kernels into a dataflow graph (render.kernel_graph)
     reads: list[str] = dataclasses.field(default_factory=list)
     writes: list[str] = dataclasses.field(default_factory=list)
+    source: str = dataclasses.field(default="", repr=False)  # the kernel's code, for --show
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -445,6 +446,7 @@ def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kerne
     if form in ("run", "call"):
         d = defs[name]
         info = d.info
+        kernel.source = d.source.strip("\n")
         if not kernel.ops:
             kernel.ops = ops_from_name(name)
         if info is not None:
