@@ -292,3 +292,14 @@ def test_kernel_dataflow_graph_diff():
         ("triton_poi_fused__to_copy_opaque_view_0", "fw_fixture.opaque")]
     assert len(graph.edges("added")) == 2
     assert ("in:arg0_1" in g) and ("out" in g)
+
+
+def test_match_order_interleaves_added_kernels():
+    from fusewright.tools.output_code import Kernel
+
+    k = lambda name, sig: Kernel(name, "triton_pointwise", [name], signature=sig)
+    before = [k("a", "1"), k("b", "2"), k("c", "3")]
+    after = [k("a2", "1"), k("new", "9"), k("c2", "3")]
+    assert [(m.status, m.before and m.before.name, m.after and m.after.name)
+            for m in match_kernels(before, after)] == [
+        ("unchanged", "a", "a2"), ("removed", "b", None), ("added", None, "new"), ("unchanged", "c", "c2")]

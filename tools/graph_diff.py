@@ -122,8 +122,7 @@ def match_kernels(before: list[Kernel], after: list[Kernel]) -> list[KernelMatch
         if bi in matched_b:
             ai = matched_b[bi]
             for prev in range(ai):
-                if prev not in pairs and prev not in emitted_a and all(
-                        p in emitted_a or p in pairs for p in range(prev)):
+                if prev not in pairs and prev not in emitted_a:
                     out.append(KernelMatch("added", None, after[prev]))
                     emitted_a.add(prev)
             out.append(KernelMatch(pairs[ai][0], kb, after[ai]))
