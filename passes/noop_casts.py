@@ -8,7 +8,8 @@ What goes (see `patterns/casts.py` for which dtype chains are exact):
 
 * lossless round trips `narrow -> wide -> narrow` (narrow bf16/f16, wide f32/f64;
   also f32 -> f64 -> f32), also with layout-only ops between the casts, which are
-  replayed on the narrow tensor;
+  replayed on the narrow tensor (a `view` that needs the wide copy's dense strides
+  becomes a `reshape`);
 * conversions to the dtype a tensor already has (`convert_element_type`,
   `_to_copy`, `.to(copy=True)`);
 * round trips whose wide value has other consumers: only the cast-back's readers move
