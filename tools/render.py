@@ -291,7 +291,7 @@ def render_html(report: GraphDiffReport) -> str:
           max-width: 380px; overflow-wrap: anywhere; vertical-align: top; }}
  tr.removed td {{ background: #fde2e1; }} tr.added td {{ background: #def7e3; }}
  tr.changed td {{ background: #fff6d5; }} tr.unchanged td {{ color: #777; }}
- td.rm {{ color: #c0392b; }} td.add {{ color: #1e8449; }}
+ td.rm {{ color: #c0392b; }} td.add {{ color: #1e8449; }} td:first-child {{ white-space: nowrap; }}
  .svg {{ overflow: auto; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>fusewright graph-diff</h1>
