@@ -83,15 +83,17 @@ class NormQuantPass(GraphPass):
                     )
                 norm = match.norm
                 fake = [tensor_meta(n) if n is not None else None for n in (norm.x, norm.weight, norm.residual, match.static_scale)]
-                choice = norm_quant_ops.choose_lowering(
-                    match.spec, *fake, priority=ctx.config.lowering.priority("rms_norm_quant")
-                )
+                priority = ctx.config.lowering.priority("rms_norm_quant")
+                if match.strided:
+                    priority = ("aten",)
+                choice = norm_quant_ops.choose_lowering(match.spec, *fake, priority=priority)
                 if choice.impl is None:
                     ctx.skipped(f"no rms_norm_quant implementation applies ({choice.reason})", mean)
                     continue
                 self._rewrite(graph, match, choice.impl, fake[0].dim())
                 changed = True
-                ctx.rewritten(detail=f"{match.spec.describe()} -> {choice.name}")
+                why = f" (strided {', '.join(match.strided)})" if match.strided else ""
+                ctx.rewritten(detail=f"{match.spec.describe()} -> {choice.name}{why}")
         if changed:
             from torch._inductor.pattern_matcher import stable_topological_sort
 

@@ -34,6 +34,9 @@ class NormQuantMatch:
     value_nodes: list[fx.Node]  # y, its upcasts and views
     other_declines: list[Decline]  # tails of the same norm that were not taken
     other_tails: list[QuantTailMatch] = dataclasses.field(default_factory=list)  # different, left unfused
+    # inputs that are not contiguous: the fused op reads rows contiguously and returns
+    # contiguous tensors, so only the aten sequence may lower such a match
+    strided: list[str] = dataclasses.field(default_factory=list)
 
     def dead_candidates(self) -> list[fx.Node]:
         """Nodes of the match that are dead once the outputs are replaced."""
@@ -53,12 +56,6 @@ def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch |
     if isinstance(norm, Decline):
         return norm
     hidden = static_int(tensor_meta(mean.args[0]).shape[-1])
-    for role, node in (("input", norm.x), ("residual", norm.residual)):
-        val = tensor_meta(node) if node is not None else None
-        if val is not None and not val.is_contiguous():
-            # the fused op's outputs are contiguous; a strided input would change the
-            # layout the rest of the graph sees (and the kernels read rows contiguously)
-            return Decline(f"the norm's {role} is not contiguous", norm.mean)
     values, tails = find_tails(norm.out, hidden)
     good = [t for t in tails if isinstance(t, QuantTailMatch)]
     bad = [t for t in tails if isinstance(t, Decline)]
@@ -97,4 +94,9 @@ def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch |
         spec = NormQuantSpec(norm=norm.norm, quant=key[0], return_normalized=need_normalized, numerics=numerics)
     except ValueError as exc:
         return Decline(f"unsupported norm-quant combination: {exc}", mean)
-    return NormQuantMatch(norm, chosen, spec, chosen[0].static_scale, [v.node for v in values], bad, others)
+    strided = [
+        role
+        for role, node in (("input", norm.x), ("residual", norm.residual))
+        if node is not None and not tensor_meta(node).is_contiguous()
+    ]
+    return NormQuantMatch(norm, chosen, spec, chosen[0].static_scale, [v.node for v in values], bad, others, strided)

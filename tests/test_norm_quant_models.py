@@ -94,3 +94,27 @@ def test_compiled_model_matches(captured):
 
     ours, theirs = dist(run.outputs), dist(stock.outputs)
     assert ours.max() <= theirs.max() and ours.mean() <= theirs.mean() * 1.1
+
+
+@pytest.mark.parametrize(
+    "name, rewritten, strided",
+    [
+        ("gemma3", 2, 0),  # (1 + w) norms; q/k norms on transposed heads are not quantized
+        ("deepseek_v3", 4, 1),  # MLA's q_a/kv_a norms feed quantized q_b/kv_b; kv_a reads a split
+    ],
+)
+def test_more_model_families(name, rewritten, strided):
+    pytest.importorskip("transformers")
+    from fusewright.tools import model_zoo
+
+    fn, inputs = getattr(model_zoo, name)(tokens=8, layers=1)
+    graph, graph_inputs = cases.capture_post_grad(fn, inputs)
+    g = snapshot(graph)
+    stats = PassStats()
+    PASS.run(g, PassContext(PassConfig().replace(lowering="triton"), stats))
+    g.lint()
+    assert (stats.matched, stats.rewritten, stats.skipped) == (rewritten, rewritten, [])
+    assert sum(v for k, v in stats.details.items() if "strided" in k) == strided
+    assert count_targets(g, OP) == rewritten - strided
+    want = cases.run_graph(graph, graph_inputs)
+    assert all(cases.same_bits(a, b) for a, b in zip(cases.run_graph(g, graph_inputs), want))
