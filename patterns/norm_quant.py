@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from ..lowering.norm_quant_spec import NormQuantSpec
 from .quant import QuantTailMatch, find_tails
-from .rms_norm import Decline, RMSNormMatch, find_anchors, match_rms_norm, static_int, tensor_meta
+from .rms_norm import Decline, RMSNormMatch, dtype_of, find_anchors, is_convert, match_rms_norm, static_int, tensor_meta
 
 __all__ = ["Decline", "NormQuantMatch", "find_anchors", "match_norm_quant"]
 
@@ -48,13 +49,35 @@ class NormQuantMatch:
         return nodes
 
 
+_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+
+def _quantized_downstream(start: fx.Node, limit: int = 40) -> bool:
+    """Whether a cast to fp8/int8 is among the first `limit` nodes reachable from `start`."""
+    seen, frontier = {start}, [start]
+    while frontier and len(seen) < limit:
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                if is_convert(user) and dtype_of(user) in _QUANT_DTYPES:
+                    return True
+                seen.add(user)
+                nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def match_norm_quant(mean: fx.Node, numerics: str = "exact") -> NormQuantMatch | Decline | None:
     """The norm->quant match anchored on `mean`; None when there is no norm or no quant."""
     norm = match_rms_norm(mean)
     if norm is None:
         return None
     if isinstance(norm, Decline):
-        return norm
+        # Report it only when a quantization follows: a norm feeding plain linears (or a
+        # training graph saving the inverse RMS for backward) is not a candidate.
+        return norm if _quantized_downstream(mean) else None
     hidden = static_int(tensor_meta(mean.args[0]).shape[-1])
     values, tails = find_tails(norm.out, hidden)
     good = [t for t in tails if isinstance(t, QuantTailMatch)]

@@ -69,7 +69,16 @@ def norm_without_quant(x, w):
     return (llama(x, w) @ torch.ones(x.shape[-1], 4, dtype=x.dtype),)
 
 
-@pytest.mark.parametrize("fn", [layer_norm_quant, norm_over_tokens_quant, lossy_cast_between, norm_without_quant])
+def odd_norm_without_quant(x, w):
+    # the inverse RMS read twice: a decline if it were quantized, silence otherwise
+    h = x.float()
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (w * (h * r).to(x.dtype), r)
+
+
+@pytest.mark.parametrize(
+    "fn", [layer_norm_quant, norm_over_tokens_quant, lossy_cast_between, norm_without_quant, odd_norm_without_quant]
+)
 def test_not_matched_at_all(fn):
     stats, before, after, _, _ = _run(fn)
     assert (stats.matched, stats.rewritten, stats.skipped) == (0, 0, [])
