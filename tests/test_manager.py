@@ -123,7 +123,9 @@ def test_uuid_equal_across_processes():
     code = "from fusewright import FusewrightPassManager as M, PassConfig as C; print(M(C()).uuid())"
     out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
            for _ in range(2)]
-    assert out[0] == out[1] == FusewrightPassManager(PassConfig()).uuid()
+    # (Not compared with this process: tests here may register extra lowering
+    # implementations, which rightly change the key.)
+    assert out[0] == out[1] and len(out[0]) == 64
 
 
 # ---------------------------------------------------------------- chaining
