@@ -140,11 +140,11 @@ def _other(node: fx.Node, this) -> object:
 
 
 def _is_weight_like(node, hidden: int) -> bool:
-    """A [H] tensor (or [1, ..., 1, H]): broadcast over tokens, one value per channel."""
+    """A [H] tensor: one value per channel, broadcast over tokens (the fused op takes [H])."""
     val = tensor_meta(node)
-    if val is None or val.dim() < 1 or static_int(val.shape[-1]) != hidden:
+    if val is None or val.dim() != 1 or static_int(val.shape[0]) != hidden:
         return False
-    return all(static_int(s) == 1 for s in val.shape[:-1]) and val.dtype in (F32,) + _LOW
+    return val.dtype in (F32,) + _LOW
 
 
 def find_anchors(graph: fx.Graph) -> list[fx.Node]:
