@@ -3,7 +3,8 @@
 For each variant and shape: the Triton kernel (`lowering/norm_quant_triton.launch`) and
 stock Inductor compiling the unfused graph (the pure-torch reference of the same spec,
 i.e. the eager spelling), measured in the same process. Large token counts: L2 flushed
-before every repetition (a 256 MB write), CUDA events around each call, median.
+before every repetition (a 256 MB write), CUDA events around one call replayed from a
+CUDA graph (so host launch overhead is not timed), median.
 Token counts <= 256: 20 calls captured in one CUDA graph, replayed, time per call (the
 launch-bound regime a decode step runs in). The limit is the variant's minimum bytes
 (3TH + scales; with a residual add 7TH + scales) over the device-to-device copy
@@ -72,26 +73,29 @@ class Timer:
         self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
 
     def hbm(self, fn) -> float:
-        """Median µs of `fn()` with L2 flushed before each call."""
-        fn()
-        torch.cuda.synchronize()
+        """Median µs of one call of `fn`, L2 flushed before each call.
+
+        The call is replayed from a CUDA graph: timing `fn()` directly would include the
+        host's launch overhead whenever it exceeds the GPU work queued in front of it (a
+        Triton launch with ~60 arguments can take 100+ µs of Python; the first H100 run of
+        this bench measured that instead of the kernel). A graph replay costs the host
+        ~10 µs, hidden behind the flush and a GPU sleep."""
+        g = self._capture(fn, 1)
         times = []
         for _ in range(self.reps):
             self.flush.zero_()
-            # keep the GPU busy while the host enqueues the call, so launch overhead on the
-            # host is not timed as idle GPU time
             torch.cuda._sleep(100_000)
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+            g.replay()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) * 1e3)
         return statistics.median(times)
 
-    def graph(self, fn, calls: int = 20) -> float:
-        """µs per call of `fn`, `calls` of them captured in one CUDA graph (median of replays)."""
+    @staticmethod
+    def _capture(fn, calls: int) -> "torch.cuda.CUDAGraph":
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -105,6 +109,11 @@ class Timer:
                 fn()
         g.replay()
         torch.cuda.synchronize()
+        return g
+
+    def graph(self, fn, calls: int = 20) -> float:
+        """µs per call of `fn`, `calls` of them captured in one CUDA graph (median of replays)."""
+        g = self._capture(fn, calls)
         times = []
         for _ in range(self.reps):
             a = torch.cuda.Event(enable_timing=True)
@@ -252,9 +261,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
+    parser.add_argument("--write-choice", metavar="PATH", nargs="+",
+                        help="turn bench JSON files (--json output) into the `auto` table "
+                             "(lowering/norm_quant_auto.json format) and exit")
+
+
+def choice_rows(rows: list[dict], env: dict) -> list[dict]:
+    """`auto` table rows (lowering/norm_quant_choice.py) from bench rows with an Inductor time."""
+    from ..lowering.norm_quant_choice import family
+
+    specs = variants()
+    out = []
+    for r in rows:
+        if "inductor_us" not in r or r["variant"] not in specs:
+            continue
+        out.append(dict(device=env["device"], family=family(specs[r["variant"]]), variant=r["variant"], T=r["T"],
+                        H=r["H"], triton_us=r["triton_us"], inductor_us=r["inductor_us"], timer=r["timer"],
+                        torch=env["torch"], triton=env["triton"], date=env["date"]))
+    return out
+
+
+def write_choice(inputs: list[str], out_path: str) -> int:
+    rows = []
+    for path in inputs:
+        with open(path) as f:
+            data = json.load(f)
+        rows += choice_rows(data["rows"], data["environment"])
+    table = {"about": "rows for `auto` (lowering/norm_quant_choice.py): Triton kernel vs stock Inductor on the "
+                      "unfused graph, same run; written by `fusewright bench norm-quant --write-choice`",
+             "rows": rows}
+    with open(out_path, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"{len(rows)} rows -> {out_path}")
+    return 0
 
 
 def main(args: argparse.Namespace, config=None) -> int:
+    if getattr(args, "write_choice", None):
+        *inputs, out_path = args.write_choice
+        if not inputs:
+            print("--write-choice needs bench JSON files and an output path", file=sys.stderr)
+            return 2
+        return write_choice(inputs, out_path)
     if not torch.cuda.is_available():
         print("fusewright bench norm-quant: needs a CUDA device", file=sys.stderr)
         return 2
