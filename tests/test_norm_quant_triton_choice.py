@@ -1,0 +1,74 @@
+"""`auto` table for rms_norm_quant (lowering/norm_quant_choice.py) and the kernel's tile table."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fusewright.lowering import norm_quant_choice as nqc
+from fusewright.lowering import norm_quant_triton as nqt
+from fusewright.lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
+
+DEV = "NVIDIA H100 80GB HBM3"
+
+
+def _spec(kind="fp8_per_token", residual="none", **q):
+    return NormQuantSpec(NormSpec(eps=1e-6, residual=residual), QuantSpec(kind=kind, **q))
+
+
+def _row(fam, T, H, tri, ind):
+    return dict(device=DEV, family=fam, T=T, H=H, triton_us=tri, inductor_us=ind, timer="cuda_graph")
+
+
+def test_family_names():
+    assert nqc.family(_spec()) == "token"
+    assert nqc.family(_spec(residual="input_dtype")) == "add_token"
+    assert nqc.family(_spec("fp8_per_group", group_size=64, col_major=True, ue8m0=True, apply="div")) \
+        == "group64_col_ue8m0"
+    assert nqc.family(_spec("fp8_static", apply="div")) == "static"
+    assert nqc.family(_spec("int8_per_token", scale_form="const_div", scale_const=127.0, apply="mul",
+                            clamp_lo=-128.0, clamp_hi=127.0, out_dtype=torch.int8)) == "int8_token"
+
+
+def test_shipped_choice_picks_the_faster_and_stays_in_range():
+    table = {"rows": [_row("token", 16, 7168, 5.0, 4.0), _row("token", 256, 7168, 5.0, 6.0),
+                      _row("token", 256, 4096, 5.0, 5.1)]}
+    spec = _spec()
+    assert nqc.shipped_choice(spec, 16, 7168, DEV, table)[0] == "aten"
+    assert nqc.shipped_choice(spec, 300, 7000, DEV, table)[0] == "triton"
+    # within the 3% margin the aten sequence (fusable with its neighbours) is kept
+    assert nqc.shipped_choice(spec, 256, 4096, DEV, table)[0] == "aten"
+    # outside the measured token range, another family, another device: no answer
+    assert nqc.shipped_choice(spec, 16384, 7168, DEV, table) is None
+    assert nqc.shipped_choice(_spec(residual="input_dtype"), 16, 7168, DEV, table) is None
+    assert nqc.shipped_choice(spec, 16, 7168, "NVIDIA A100", table) is None
+
+
+def test_shipped_tables_are_well_formed():
+    table = nqc.load_table()
+    assert table["rows"], "norm_quant_auto.json ships measured rows"
+    for r in table["rows"]:
+        assert r["timer"] == "cuda_graph" and r["triton_us"] > 0 and r["inductor_us"] > 0
+    with open(nqt.TUNING_PATH) as f:
+        tuning = json.load(f)["configs"]
+    for key, cfg in tuning.items():
+        fam, hidden, size = key.split("/")
+        assert fam in ("token", "local", "token+res", "local+res") and size in ("small", "large")
+        p = nqt.plan(_spec(), int(hidden), dict(cfg), m=64 if size == "small" else 16384)
+        assert p["CH"] * p["NCH"] >= int(hidden)
+
+
+def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": {"token/4096/large": {"CH": 2048, "num_warps": 8},
+                                            "token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2}}}))
+    monkeypatch.setenv(nqt.ENV_TUNING, str(path))
+    nqt._tuning_table.cache_clear()
+    try:
+        assert nqt.plan(_spec(), 5120, m=16384)["CH"] == 2048
+        p = nqt.plan(_spec(residual="input_dtype"), 7168, m=16384)
+        assert (p["CH"], p["num_warps"], p["PERSIST"]) == (1024, 4, 2)
+        assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
+    finally:
+        nqt._tuning_table.cache_clear()
