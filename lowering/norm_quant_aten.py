@@ -60,7 +60,7 @@ def emit_sequence(emit: Callable, spec: NormQuantSpec, x, weight, residual, scal
         y_f32 = hr
         y = cast(hr, F32, norm.out_dtype)
     elif norm.weight == "after_cast":
-        y = c(aten.mul.Tensor, cast(hr, F32, norm.cast_dtype), weight)
+        y = c(aten.mul.Tensor, weight, cast(hr, F32, norm.cast_dtype))
         y_f32 = c(aten.mul.Tensor, hr, cast(weight, wd, F32)) if fast else None
     elif norm.weight == "before_cast":
         y_f32 = c(aten.mul.Tensor, hr, cast(weight, wd, F32))
