@@ -111,6 +111,13 @@ class NormQuantPass(GraphPass):
             ops = _FxOps(graph, norm.mean)
             tensors = dict(zip(("x", "weight", "residual", "scale"), inputs))
             outs = list(impl.build(ops.call, tensors, {"spec": spec.to_str(), "ndim": ndim}))
+            if len(outs) != len(spec.output_names()):
+                # a user-registered implementation that breaks the output contract: the
+                # manager restores the graph and reports this
+                raise RuntimeError(
+                    f"rms_norm_quant implementation {impl.name!r} returned {len(outs)} outputs, "
+                    f"expected {len(spec.output_names())} ({', '.join(spec.output_names())})"
+                )
             named = dict(zip(spec.output_names(), outs))
             for t in m.tails:
                 q_new = named["q"]
