@@ -69,3 +69,15 @@ def shipped_choice(spec: NormQuantSpec, tokens: int, hidden: int, device_name: s
     pick = "triton" if speedup >= MARGIN else "aten"
     return pick, (f"{fam} at T={row['T']} H={row['H']} on {device_name}: triton {row['triton_us']}us, "
                   f"inductor {row['inductor_us']}us ({row['timer']}, norm_quant_auto.json)")
+
+
+def shipped_choice_for_call(call: Any, device_name: str) -> tuple[str, str] | None:
+    """`shipped_choice` for a registry `OpCall` of `rms_norm_quant` (variant = spec string):
+    the hook for `lowering/auto.py` to consult before measuring. None when the rows do not
+    cover the call (a token count without a hint, -1, is not covered)."""
+    if getattr(call, "op", None) != "rms_norm_quant" or not call.variant:
+        return None
+    x = call.tensor("x")
+    if x is None or not x.shape or x.rows <= 0 or x.shape[-1] <= 0:
+        return None
+    return shipped_choice(NormQuantSpec.from_str(call.variant), x.rows, x.shape[-1], device_name)

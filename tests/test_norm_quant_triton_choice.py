@@ -72,3 +72,20 @@ def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_pat
         assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
     finally:
         nqt._tuning_table.cache_clear()
+
+
+def test_shipped_choice_for_registry_call():
+    from fusewright.lowering.registry import OpCall, TensorInfo
+
+    spec = _spec("fp8_per_group", group_size=128, apply="div", floor=1e-10)
+    table = {"rows": [_row("group128", 16, 4096, 3.0, 4.0)]}
+
+    def call(rows):
+        return OpCall.make("rms_norm_quant", {"x": TensorInfo((rows, 4096), torch.bfloat16, "cuda"),
+                                              "weight": None, "residual": None, "scale": None}, spec.to_str())
+
+    nqc.load_table.cache_clear()
+    assert nqc.shipped_choice(spec, 16, 4096, DEV, table)[0] == "triton"
+    got = nqc.shipped_choice_for_call(call(16), DEV)  # the shipped file: group128 wins at T=16, H=4096
+    assert got is not None and got[0] == "triton"
+    assert nqc.shipped_choice_for_call(call(-1), DEV) is None  # no size hint: not covered
