@@ -983,6 +983,19 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
                 num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0)
 
 
+def supports(spec: NormQuantSpec, hidden: int) -> str | None:
+    """None when the kernel can run `spec` at hidden size `hidden`, else why not (for the
+    registry's `supports` check of the `triton` implementation on CUDA)."""
+    try:
+        spec.check_hidden(hidden)
+        plan(spec, hidden, None, None)
+    except SpecError as exc:
+        return str(exc)
+    if spec.norm.input_dtype not in _DT_CODE or (spec.norm.weight_dtype or torch.float32) not in _DT_CODE:
+        return "unsupported dtype"
+    return None
+
+
 def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
     """t viewed as [M, H] with a unit stride on the last dim, and its row stride."""
     if t.dim() == 2 and t.stride(-1) == 1:

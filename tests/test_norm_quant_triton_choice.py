@@ -89,3 +89,10 @@ def test_shipped_choice_for_registry_call():
     got = nqc.shipped_choice_for_call(call(16), DEV)  # the shipped file: group128 wins at T=16, H=4096
     assert got is not None and got[0] == "triton"
     assert nqc.shipped_choice_for_call(call(-1), DEV) is None  # no size hint: not covered
+
+
+def test_kernel_supports():
+    assert nqt.supports(_spec(), 7168) is None
+    assert nqt.supports(_spec("fp8_per_group", group_size=128, apply="div"), 7168) is None
+    assert "not divisible" in nqt.supports(_spec("fp8_per_group", group_size=128, apply="div"), 2880)
+    assert "power of two" in nqt.supports(_spec("fp8_per_group", group_size=96, apply="div"), 2880)
