@@ -2,6 +2,10 @@
 
 :meth:`Tuner.pick` gets the implementations that support a call and returns one:
 
+0. A *shipped* measurement for the op, when one covers the call on this device (a
+   hook per op, :func:`register_shipped`; `rms_norm_quant` consults
+   `norm_quant_choice.shipped_choice_for_call` and its `norm_quant_auto.json`), decides
+   without measuring; the hook applies the same 3% rule.
 1. If measuring is on for the call's device, the times for its shape class come from
    the cache file, or are measured once (by `measure`, by default in a subprocess:
    see :mod:`fusewright.lowering.auto_measure`) and written there.
@@ -50,6 +54,42 @@ ENV_CACHE_DIR = "FUSEWRIGHT_CACHE_DIR"
 
 # (call, implementations) -> {name: seconds per call, or an error message (str)}
 Measurer = Callable[[OpCall, Sequence[Implementation]], dict[str, "float | str"]]
+
+
+# (call, plain device name as torch.cuda.get_device_name gives it) -> (implementation name, why) or None
+ShippedHook = Callable[[OpCall, str], "tuple[str, str] | None"]
+_shipped: dict[str, "ShippedHook | str"] = {
+    # "module:function", imported when first needed (a missing module is no hook)
+    "rms_norm_quant": "fusewright.lowering.norm_quant_choice:shipped_choice_for_call",
+}
+
+
+def register_shipped(op: str, hook: "ShippedHook | str | None") -> None:
+    """Let `hook` answer `auto` for `op` from measurements shipped with the package (None removes it)."""
+    if hook is None:
+        _shipped.pop(op, None)
+    else:
+        _shipped[op] = hook
+
+
+def _shipped_hook(op: str) -> ShippedHook | None:
+    hook = _shipped.get(op)
+    if isinstance(hook, str):
+        import importlib
+
+        module, _, name = hook.partition(":")
+        try:
+            hook = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            hook = None
+        _shipped[op] = hook
+    return hook
+
+
+def plain_device_name(device_type: str) -> str:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return device_name(device_type)
 
 
 def cache_dir() -> Path:
@@ -105,7 +145,7 @@ class Tuner:
     """
 
     def __init__(self, measure: Measurer | None | str = "default", directory: str | os.PathLike | None = None,
-                 enabled: bool | None = None) -> None:
+                 enabled: bool | None = None, shipped: bool = True) -> None:
         if measure == "default":
             from .auto_measure import measure_in_subprocess
 
@@ -113,6 +153,7 @@ class Tuner:
         self.measure = measure
         self.directory = Path(directory) if directory is not None else None
         self.enabled = enabled
+        self.shipped = shipped
 
     def measuring(self, device_type: str) -> bool:
         if self.measure is None:
@@ -138,6 +179,14 @@ class Tuner:
         order = self.order(call, impls)
         if len(impls) == 1:
             return impls[0], "the only supported implementation"
+        hook = _shipped_hook(call.op) if self.shipped else None
+        if hook is not None:
+            try:
+                answer = hook(call, plain_device_name(call.device_type))
+            except Exception:  # noqa: BLE001 - a broken table is no answer
+                answer = None
+            if answer is not None and answer[0] in by_name:
+                return by_name[answer[0]], f"shipped measurement: {answer[1]}"
         note = "measuring is off for this device"
         if self.measuring(call.device_type):
             try:

@@ -233,6 +233,29 @@ def test_unusable_cache_directory_falls_back_to_the_rule(extra_impls, tmp_path):
     assert choice.name == "aten" and "cache unusable" in choice.reason and timer.calls == 0
 
 
+def test_shipped_measurements_answer_before_measuring(extra_impls, tmp_path):
+    seen = []
+
+    def hook(call, device):
+        seen.append(device)
+        return {4096: ("triton", "row T=4096"), 8192: ("nonexistent", "?")}.get(call.tensor("x").rows)
+
+    timer = FakeTimer({"aten": 1e-6, "triton": 2e-6, "vendor": 3e-6})
+    auto.register_shipped("rms_norm", hook)
+    try:
+        tuner = auto.Tuner(measure=timer, directory=tmp_path)
+        choice = choose(cuda_call(rows=4096), ("auto",), tuner=tuner)
+        assert choice.name == "triton" and choice.reason == "auto: shipped measurement: row T=4096"
+        assert timer.calls == 0 and seen == [auto.plain_device_name("cuda")]
+        # a row naming an implementation that is not a candidate, or no row: measure as usual
+        assert choose(cuda_call(rows=8192), ("auto",), tuner=tuner).name == "aten" and timer.calls == 1
+        assert choose(cuda_call(rows=100), ("auto",), tuner=tuner).name == "aten" and timer.calls == 2
+        off = auto.Tuner(measure=timer, directory=tmp_path / "off", shipped=False)
+        assert choose(cuda_call(rows=4096), ("auto",), tuner=off).name == "aten"
+    finally:
+        auto.register_shipped("rms_norm", None)
+
+
 def test_rule_for_ops_that_prefer_a_fused_kernel_on_cuda():
     from fusewright.lowering.registry import semantic_op
 
