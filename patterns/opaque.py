@@ -33,11 +33,12 @@ from typing import Any, Mapping
 import torch
 import torch.fx as fx
 
-_HOPS: dict[Any, str] = {}
-for _name, _tag in (("auto_functionalized", "auto_functionalized"), ("auto_functionalized_v2", "auto_functionalized_v2")):
-    _hop = getattr(torch.ops.higher_order, _name, None)
-    if _hop is not None:
-        _HOPS[_hop] = _tag
+# The functionalization wrappers, by name (either may be missing from a torch build).
+_HOPS: dict[Any, str] = {
+    hop: name
+    for name in ("auto_functionalized", "auto_functionalized_v2")
+    if (hop := getattr(torch.ops.higher_order, name, None)) is not None
+}
 
 SEMANTIC_OF_FORM = {"out": "rms_norm", "functional": "rms_norm", "fused_add": "fused_add_rms_norm"}
 SCHEMAS = {
@@ -186,7 +187,7 @@ def _bind_v2(node: fx.Node, op: Any, names: list[str], form: str) -> tuple[dict[
         bases[role] = index
     if len(set(bases.values())) != len(bases):
         raise ValueError("two mutated arguments share one buffer")
-    for i, a in enumerate(op._schema.arguments):
+    for a in op._schema.arguments:
         if a.name in bound:
             continue
         if a.name in kwargs:
