@@ -38,14 +38,28 @@ from .graph_utils import insert_call, tensor_meta
 aten = torch.ops.aten
 
 
-class _FxOps:
-    """Creates graph nodes (with fake metadata) for the reshapes the pass adds."""
+_LOW = (torch.bfloat16, torch.float16)
 
-    def __init__(self, graph: fx.Graph, like: fx.Node) -> None:
-        self.graph, self.like = graph, like
+
+class _FxOps:
+    """Creates graph nodes (with fake metadata) for the replacement and the reshapes."""
+
+    def __init__(self, graph: fx.Graph, like: fx.Node, exact: bool) -> None:
+        self.graph, self.like, self.exact = graph, like, exact
 
     def call(self, target, *args, **kwargs):
-        return insert_call(self.graph, target, args, kwargs, like=self.like)
+        node = insert_call(self.graph, target, args, kwargs, like=self.like)
+        if self.exact and _touches_low_precision(node):
+            # Inductor's CPU/Triton codegen keeps a bf16 intermediate in f32 registers
+            # unless the node carries this mark (what tracing sets on eager-level ops
+            # under emulate_precision_casts): exact mode needs every rounding done.
+            node.meta["low_precision_pointwise_barrier"] = True
+        return node
+
+
+def _touches_low_precision(node: fx.Node) -> bool:
+    vals = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+    return any(isinstance(v, torch.Tensor) and v.dtype in _LOW for v in vals)
 
 
 class NormQuantPass(GraphPass):
@@ -108,7 +122,7 @@ class NormQuantPass(GraphPass):
         first = min((n for n in norm.nodes if n in order), key=order.__getitem__)
         inputs = (norm.x, norm.weight, norm.residual, m.static_scale)
         with graph.inserting_before(first):
-            ops = _FxOps(graph, norm.mean)
+            ops = _FxOps(graph, norm.mean, exact=spec.numerics == "exact")
             tensors = dict(zip(("x", "weight", "residual", "scale"), inputs))
             outs = list(impl.build(ops.call, tensors, {"spec": spec.to_str(), "ndim": ndim}))
             if len(outs) != len(spec.output_names()):

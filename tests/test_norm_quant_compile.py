@@ -101,3 +101,17 @@ def test_auto_on_cpu_is_the_aten_sequence():
     stats = run.report["fuse_norm_quant"]
     assert stats.rewritten == 1 and all(k.endswith("-> aten") for k in stats.details)
     assert count_targets(run.graphs_after[0], OP) == 0
+
+
+def test_aten_sequence_bitwise_with_emulated_precision_casts():
+    """With Inductor's emulate_precision_casts, stock is bitwise eager; so is the aten
+    lowering, because its low-precision nodes carry the rounding mark tracing sets."""
+    from torch._inductor import config as inductor_config
+
+    fn = cases.make_fn("llama", "vllm_token", True)
+    inputs = cases.make_inputs("llama", "vllm_token", True, tokens=64)
+    with inductor_config.patch(emulate_precision_casts=True):
+        run = compile_and_capture(fn, inputs, config={"lowering": "aten"})
+    assert run.report["fuse_norm_quant"].rewritten == 1
+    for got, want in zip(run.outputs, fn(*inputs)):
+        assert cases.same_bits(got, want)
