@@ -1006,6 +1006,34 @@ def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
     return t2, t2.stride(0)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_plan(spec: NormQuantSpec, hidden: int, small: bool, table_path: str) -> dict:
+    return plan(spec, hidden, None, 0 if small else SMALL_M)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_kwargs(spec: NormQuantSpec, hidden: int, has_weight: bool, scale_dtype: torch.dtype | None,
+                 interp: bool) -> dict:
+    """The constexpr arguments fixed by the spec (built once per spec: the launch is on the host's
+    critical path when the graph is not replayed from a CUDA graph)."""
+    norm, quant = spec.norm, spec.quant
+    groups = hidden // quant.group_size if quant.kind == "fp8_per_group" else 1
+    return dict(
+        H=hidden,
+        XDT=_DT_CODE[norm.input_dtype], WDT=_DT_CODE[norm.weight_dtype] if has_weight else 0,
+        CDT=_DT_CODE[norm.cast_dtype], ODT=_DT_CODE[norm.out_dtype],
+        RES=_RES_CODE[norm.residual], WST=_W_CODE[norm.weight], INV=_INV_CODE[norm.inv], EPS=float(norm.eps),
+        KIND=_KIND_CODE[quant.kind], G=groups, COLMAJ=bool(quant.col_major), UE8M0=bool(quant.ue8m0),
+        SMD=_DT_CODE[quant.scale_math_dtype], HAS_UB=quant.amax_ub is not None, UB=float(quant.amax_ub or 0.0),
+        HAS_FLOOR=quant.floor is not None, FLOOR_AMAX=quant.floor_on == "amax", FLOOR=float(quant.floor or 0.0),
+        CONST_DIV=quant.scale_form == "const_div", SCONST=float(quant.scale_const),
+        RCONST=_f32_recip(quant.scale_const), RH=_f32_recip(hidden),
+        APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
+        SIN_DT=_DT_CODE.get(scale_dtype, 0) if scale_dtype is not None else 0,
+        RET_Y=bool(spec.return_normalized), FAST=spec.numerics == "fast", INTERP=interp,
+    )
+
+
 def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, *, tuning: dict | None = None,
            info: dict | None = None) -> tuple[torch.Tensor, ...]:
@@ -1026,7 +1054,10 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     spec.check_hidden(hidden)
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    cfg = plan(spec, hidden, tuning, m)
+    if tuning is None:  # the plan depends on m only through its size class: cached
+        cfg = _cached_plan(spec, hidden, m < SMALL_M, os.environ.get(ENV_TUNING) or TUNING_PATH)
+    else:
+        cfg = plan(spec, hidden, tuning, m)
 
     x2, xs = _as_2d(x, hidden)
     if residual is not None:
@@ -1082,30 +1113,17 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     if m == 0:
         return tuple(outs)
 
-    interp = _interpreting()
     masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0)
-    smd = quant.scale_math_dtype
-    fast = spec.numerics == "fast"
     persist = bool(cfg.get("PERSIST")) and cfg["ROWS"] == 1
     grid = (triton.cdiv(m, cfg["ROWS"]),)
     if persist:  # PERSIST = programs per SM
         grid = (min(m, _num_sms(dev) * int(cfg["PERSIST"])),)
+    kw = _spec_kwargs(spec, hidden, weight is not None, scale.dtype if scale is not None else None, _interpreting())
     compiled = _rms_norm_quant_kernel[grid](
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
-        H=hidden, CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked,
-        XDT=_DT_CODE[norm.input_dtype], WDT=_DT_CODE[norm.weight_dtype] if weight is not None else 0,
-        CDT=_DT_CODE[norm.cast_dtype], ODT=_DT_CODE[norm.out_dtype],
-        RES=_RES_CODE[norm.residual], WST=_W_CODE[norm.weight], INV=_INV_CODE[norm.inv], EPS=float(norm.eps),
-        KIND=_KIND_CODE[quant.kind], G=groups, COLMAJ=bool(quant.col_major), UE8M0=bool(quant.ue8m0),
-        SMD=_DT_CODE[smd], HAS_UB=quant.amax_ub is not None, UB=float(quant.amax_ub or 0.0),
-        HAS_FLOOR=quant.floor is not None, FLOOR_AMAX=quant.floor_on == "amax", FLOOR=float(quant.floor or 0.0),
-        CONST_DIV=quant.scale_form == "const_div", SCONST=float(quant.scale_const),
-        RCONST=_f32_recip(quant.scale_const), RH=_f32_recip(hidden),
-        APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
-        SIN_DT=_DT_CODE.get(scale.dtype, 0) if scale is not None else 0,
-        RET_Y=bool(spec.return_normalized), FAST=fast, INTERP=interp, PERSIST=persist,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked, PERSIST=persist,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw,
     )
     if info is not None:
         info.update(cfg)
