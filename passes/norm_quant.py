@@ -49,12 +49,19 @@ class _FxOps:
 
     def call(self, target, *args, **kwargs):
         node = insert_call(self.graph, target, args, kwargs, like=self.like)
-        if self.exact and _touches_low_precision(node):
-            # Inductor's CPU/Triton codegen keeps a bf16 intermediate in f32 registers
-            # unless the node carries this mark (what tracing sets on eager-level ops
-            # under emulate_precision_casts): exact mode needs every rounding done.
+        if self.exact and _touches_low_precision(node) and _emulating_precision_casts():
+            # Tracing marks eager-level ops this way under emulate_precision_casts, and
+            # Inductor then rounds their bf16/f16 values as eager does. Marking ours the
+            # same keeps the aten lowering numerically where the original spelling
+            # would be: bitwise eager with the option on, bitwise stock with it off.
             node.meta["low_precision_pointwise_barrier"] = True
         return node
+
+
+def _emulating_precision_casts() -> bool:
+    from torch._inductor import config as inductor_config
+
+    return bool(getattr(inductor_config, "emulate_precision_casts", False))
 
 
 def _touches_low_precision(node: fx.Node) -> bool:
