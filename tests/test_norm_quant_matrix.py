@@ -8,6 +8,7 @@ are in test_norm_quant_compile.py.
 """
 
 import importlib.util
+import operator
 import sys
 import pathlib
 
@@ -49,8 +50,11 @@ def test_spelling_matrix(norm, tail, residual):
     stats = run_pass(g, lowering="triton", numerics="exact")
     assert (stats.matched, stats.rewritten, stats.skipped) == (1, 1, []), stats
     assert count_targets(g, OP) == 1
-    assert count_targets(g, torch.ops.aten.mean.dim) == 0
-    assert count_targets(g, torch.ops.prims.convert_element_type.default) == 0 or residual or norm == "implicit"
+    # nothing of the norm, the residual add or the quantization is left: only the op,
+    # its outputs and the views that give them the shapes the graph's users expect
+    left = {n.target for n in g.nodes if n.op == "call_function"}
+    views = {torch.ops.aten.reshape.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim}
+    assert left <= {OP, operator.getitem} | views, left
     out = cases.run_graph(g, graph_inputs)
     assert len(out) == len(eager)
     for got, want in zip(out, eager):
