@@ -135,6 +135,22 @@ def _supported(call) -> str | None:
     return None
 
 
+def _op_supported(call) -> str | None:
+    """The fused op: on CUDA its Triton kernel's limits apply (elsewhere it runs the reference)."""
+    problem = _supported(call)
+    if problem or call.device_type != "cuda":
+        return problem
+    try:
+        from . import norm_quant_triton
+    except Exception as exc:  # noqa: BLE001 - the CUDA impl falls back to the reference
+        return f"Triton kernel unavailable ({type(exc).__name__}: {exc})"
+    check = getattr(norm_quant_triton, "supports", None)
+    x = call.tensor("x")
+    if check is None or x is None or not x.shape or x.shape[-1] <= 0:
+        return None
+    return check(NormQuantSpec.from_str(call.variant), x.shape[-1])
+
+
 def _triton_source() -> str | None:
     import importlib.util
 
@@ -153,7 +169,7 @@ def _register() -> None:
         source=os.path.join(here, "norm_quant_aten.py"), replace=True,
     )
     registry.register(
-        "rms_norm_quant", "triton", _build_op, supports=_supported, source=_triton_source(), replace=True,
+        "rms_norm_quant", "triton", _build_op, supports=_op_supported, source=_triton_source(), replace=True,
     )
 
 
