@@ -282,9 +282,9 @@ def test_plan_has_no_padding_waste_at_common_sizes():
     from fusewright.lowering.norm_quant_triton import plan
 
     spec = NormQuantSpec(NormSpec(eps=1e-6), _q("token"))
-    for h, nch in ((4096, 4), (5120, 5), (7168, 7), (8192, 8)):
-        p = plan(spec, h)
-        assert p["NCH"] == nch and p["CH"] * p["NCH"] == h, (h, p)
+    for h in (4096, 5120, 7168, 8192):
+        p = plan(spec, h)  # the chunk width may come from the measured tuning table
+        assert p["NCH"] <= 8 and p["CH"] * p["NCH"] == h, (h, p)
     p = plan(spec, 2880)  # not a multiple of 1024: the last chunk is masked, < 7% idle lanes
     assert p["CH"] * p["NCH"] < 2880 * 1.07, p
 

@@ -49,7 +49,9 @@ def test_shipped_tables_are_well_formed():
     table = nqc.load_table()
     assert table["rows"], "norm_quant_auto.json ships measured rows"
     for r in table["rows"]:
-        assert r["timer"] == "cuda_graph" and r["triton_us"] > 0 and r["inductor_us"] > 0
+        # Both shipped timers replay from a CUDA graph, so host launch overhead is excluded:
+        # "cuda_graph" (20 calls per graph, small T) and "l2_flushed" (one call, L2 flushed).
+        assert r["timer"] in ("cuda_graph", "l2_flushed") and r["triton_us"] > 0 and r["inductor_us"] > 0
     with open(nqt.TUNING_PATH) as f:
         tuning = json.load(f)["configs"]
     for key, cfg in tuning.items():
@@ -66,7 +68,10 @@ def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_pat
     monkeypatch.setenv(nqt.ENV_TUNING, str(path))
     nqt._tuning_table.cache_clear()
     try:
-        assert nqt.plan(_spec(), 5120, m=16384)["CH"] == 2048
+        # Nearest hidden size (4096) lends its warps, not its chunk width (2048 would pad
+        # 5120 to 6144 lanes): the chunk width stays the exact-fit heuristic's.
+        p = nqt.plan(_spec(), 5120, m=16384)
+        assert (p["CH"], p["NCH"], p["num_warps"]) == (1024, 5, 8)
         p = nqt.plan(_spec(residual="input_dtype"), 7168, m=16384)
         assert (p["CH"], p["num_warps"], p["PERSIST"]) == (1024, 4, 2)
         assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
