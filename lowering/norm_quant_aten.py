@@ -72,7 +72,8 @@ def emit_sequence(emit: Callable, spec: NormQuantSpec, x, weight, residual, scal
     v = cast(y, norm.out_dtype, F32)
     src = y_f32 if fast else v
     grouped = quant.kind == "fp8_per_group"
-    lead = [c(aten.sym_size.int, x, d) for d in range(ndim - 1)]
+    # Only the grouped reshapes need the leading sizes: emit nothing otherwise.
+    lead = [c(aten.sym_size.int, x, d) for d in range(ndim - 1)] if grouped else []
     # amax of y in its own dtype: rounding is monotonic, so this equals the amax of the
     # rounded values even where Inductor's codegen keeps y in f32 registers.
     yv = y

@@ -48,6 +48,12 @@ class _FxOps:
         self.graph, self.like, self.exact = graph, like, exact
 
     def call(self, target, *args, **kwargs):
+        if target is aten.sym_size.int:
+            size = tensor_meta(args[0]).shape[args[1]]
+            if isinstance(size, int):
+                # A static size is a plain int: a sym_size node would carry an int `val`,
+                # which torch 2.11's post-grad fake-tensor check rejects.
+                return size
         node = insert_call(self.graph, target, args, kwargs, like=self.like)
         if self.exact and _touches_low_precision(node) and _emulating_precision_casts():
             # Tracing marks eager-level ops this way under emulate_precision_casts, and
