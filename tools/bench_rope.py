@@ -226,9 +226,10 @@ def sweep(seq, heads, head_dim, timer, copy_bw) -> list[dict]:
     return rows
 
 
-def auto_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows for lowering/rope_auto.json: per shape, the fastest of triton / aten / none."""
-    key = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def auto_rows(rows: list[dict], device: str) -> dict[str, list[dict]]:
+    """Rows for lowering/rope_auto.json: per shape, the fastest of triton / aten / none.
+    Keyed by the device the rows were measured on (`--device cpu` on a GPU machine is "cpu")."""
+    key = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     by_seq: dict[int, dict[str, float]] = {}
     for row in rows:
         by_seq.setdefault(row["seq"], {})[row["variant"]] = row["us"]
@@ -321,7 +322,7 @@ def main(args: argparse.Namespace | list[str] | None = None, config=None) -> int
             json.dump(result, f, indent=1)
     if args.table:
         with open(args.table, "w") as f:
-            json.dump(auto_rows(result["rows"]), f, indent=1)
+            json.dump(auto_rows(result["rows"], args.device), f, indent=1)
     return 0
 
 
