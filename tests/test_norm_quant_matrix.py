@@ -28,6 +28,7 @@ sys.modules.setdefault("norm_quant_cases", cases)  # Dynamo looks functions' mod
 _spec.loader.exec_module(cases)
 
 OP = torch.ops.fusewright.rms_norm_quant.default
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 CASES = [(n, t, r) for n in cases.NORMS for t in cases.TAILS for r in (False, True)]
 
 
@@ -44,6 +45,14 @@ def test_spelling_matrix(norm, tail, residual):
     inputs = cases.make_inputs(norm, tail, residual, tokens=16)
     graph, graph_inputs = cases.capture_post_grad(fn, inputs)
     eager = fn(*inputs)
+    # The pass reproduces the graph it is given. On torch 2.13 that graph is bitwise the
+    # eager spelling; torch 2.11's own graph passes drop some f32->bf16->f32 roundings
+    # before fusewright sees the graph, so there the reference is the unrewritten graph.
+    unrewritten = cases.run_graph(snapshot(graph), graph_inputs)
+    graph_is_eager = all(cases.same_bits(g, e) for g, e in zip(unrewritten, eager))
+    if _TORCH >= (2, 13):
+        assert graph_is_eager
+    eager = eager if graph_is_eager else unrewritten
 
     # exact, fused op: one op, the whole norm+quant gone, bitwise the eager spelling
     g = snapshot(graph)

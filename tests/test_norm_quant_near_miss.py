@@ -12,6 +12,8 @@ from fusewright.passes.base import PassContext
 from fusewright.passes.config import PassConfig
 from fusewright.passes.graph_utils import snapshot
 from fusewright.passes.norm_quant import PASS
+
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 from fusewright.passes.report import PassStats
 from fusewright.testing import count_targets
 
@@ -142,6 +144,10 @@ def eps_tensor(x, w):
     ],
 )
 def test_declined_with_reason(fn, reason):
+    if fn is lossy_cast_in_scale and _TORCH < (2, 13):
+        # Seen on torch 2.11: its own graph passes drop this f32->bf16->f32 pair before
+        # fusewright runs, so there is no lossy cast left to decline on.
+        pytest.skip("torch < 2.13 removes the lossy amax cast itself")
     stats, before, after, _, _ = _run(fn)
     assert (stats.matched, stats.rewritten) == (1, 0)
     assert reason in _reasons(stats)
