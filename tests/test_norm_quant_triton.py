@@ -246,6 +246,12 @@ def _interp_worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interp_result():
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        # Seen with triton 3.6 (the GPU machine, where the GPU tests cover the kernel):
+        # its interpreter cannot index the persistent loop's `range(pid, M, nprog)`.
+        pytest.skip(f"the interpreter of triton {triton.__version__} lacks tensor loop bounds; CI runs 3.9")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp-worker"], env=env,
                           capture_output=True, text=True, timeout=600)
