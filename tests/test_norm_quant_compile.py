@@ -108,6 +108,11 @@ def test_aten_sequence_bitwise_with_emulated_precision_casts():
     lowering, because its low-precision nodes carry the rounding mark tracing sets."""
     from torch._inductor import config as inductor_config
 
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        # Seen on torch 2.11: its Inductor does not read the rounding mark, so the
+        # emulated roundings are not all kept and neither side is bitwise eager.
+        pytest.skip("the low-precision rounding mark is honoured from torch 2.13")
+
     fn = cases.make_fn("llama", "vllm_token", True)
     inputs = cases.make_inputs("llama", "vllm_token", True, tokens=64)
     with inductor_config.patch(emulate_precision_casts=True):

@@ -57,6 +57,12 @@ def test_spelling_matrix(norm, tail, residual):
     # exact, fused op: one op, the whole norm+quant gone, bitwise the eager spelling
     g = snapshot(graph)
     stats = run_pass(g, lowering="triton", numerics="exact")
+    if not graph_is_eager and not stats.rewritten:
+        # Seen on torch 2.11 (no-weight norm, f32 tails): with the bf16 rounding gone the
+        # normalised f32 tensor feeds both the output and the quantization, and the pass
+        # declines, with its reason, instead of fusing.
+        assert stats.matched == 1 and "has other users" in stats.skipped[0].reason, stats
+        pytest.skip(f"torch {torch.__version__}: graph differs from eager; declined: {stats.skipped[0].reason}")
     assert (stats.matched, stats.rewritten, stats.skipped) == (1, 1, []), stats
     assert count_targets(g, OP) == 1
     # nothing of the norm, the residual add or the quantization is left: only the op,
