@@ -1,0 +1,117 @@
+"""Tile plans of the fused RMSNorm -> quant kernel: heuristic, measured table, limits.
+
+`plan(spec, hidden, m=rows)` gives the chunk width and count, the group tile, rows per
+program and warps; measured plans (lowering/norm_quant_tuning.json, written by
+`fusewright bench norm-quant --sweep --write-tuning`) override the heuristic.
+`supports(spec, hidden)` says why a spec cannot take the Triton kernel, if it cannot.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+import triton
+
+from .norm_quant_spec import NormQuantSpec, SpecError
+
+# dtype and mode codes passed to the kernel as constexpr
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_RES_CODE = {"none": 0, "input_dtype": 1, "f32": 2}
+_W_CODE = {"none": 0, "after_cast": 1, "before_cast": 2, "one_plus": 3}
+_INV_CODE = {"rsqrt": 0, "recip_sqrt": 1, "div_sqrt": 2}
+_KIND_CODE = {"fp8_static": 0, "fp8_per_token": 1, "fp8_per_group": 2, "int8_per_token": 3}
+_APPLY_CODE = {"div": 0, "mul_recip": 1, "mul": 2}
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+# Below this many rows a launch is latency-bound (fewer than ~8 rows per SM): its tile plan is
+# tuned separately ("small" keys of the tuning table).
+SMALL_M = 1024
+TUNING_PATH = os.path.join(os.path.dirname(__file__), "norm_quant_tuning.json")
+ENV_TUNING = "FUSEWRIGHT_NQ_TUNING"
+
+
+@functools.lru_cache(maxsize=4)
+def _tuning_table(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f).get("configs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
+    """Key of the tile table: register pressure differs between per-token kinds (the whole
+    normalised row stays live until its amax is known) and the chunk-local ones (static,
+    per group), and with a residual (two inputs, one more output)."""
+    fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
+    if spec.norm.residual != "none":
+        fam += "+res"
+    size = "small" if m is not None and m < SMALL_M else "large"
+    return f"{fam}/{hidden}/{size}"
+
+
+def _lookup(table: dict, key: str) -> dict:
+    """The table entry for `key`, else the same family and size at the nearest measured hidden
+    size, else (a residual family not measured) the family without the residual."""
+    fam, hidden, size = key.split("/")
+    for f in (fam, fam.replace("+res", "")):
+        cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
+                 if k.split("/")[0] == f and k.split("/")[2] == size]
+        if cands:
+            distance, entry = min(cands, key=lambda c: c[0])
+            # A chunk width fits the hidden size it was measured at (2048 is ideal at 4096
+            # and wastes 30% of the lanes at 2880): borrow only the rest from a neighbour.
+            return entry if distance == 0 else {k: v for k, v in entry.items() if k != "CH"}
+    return {}
+
+
+def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | None = None) -> dict:
+    """Tile plan for hidden size `hidden` and `m` rows: chunk width CH (a power of two), chunk
+    count NCH (<= 8), group tile GS x CG, rows per program, warps. Sources, later ones win:
+    the heuristic below, the measured table (norm_quant_tuning.json, or the file named by
+    $FUSEWRIGHT_NQ_TUNING), `tuning` (benchmarks)."""
+    q = spec.quant
+    gs = q.group_size if q.kind == "fp8_per_group" else 0
+    if gs and gs & (gs - 1):
+        raise SpecError(f"group size {gs} is not a power of two: no Triton tiling for it")
+    t = dict(_lookup(_tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH), tuning_key(spec, hidden, m)))
+    t.update(tuning or {})
+    # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
+    # columns for large rows (128-bit loads for 4 warps), at least one group
+    ch_min = max(triton.next_power_of_2(triton.cdiv(hidden, 8)), gs or 1)
+    ch = max(t.get("CH") or min(1024, triton.next_power_of_2(hidden)), ch_min)
+    nch = triton.cdiv(hidden, ch)
+    if nch > 8:
+        raise SpecError(f"hidden size {hidden} needs {nch} chunks of {ch} (max 8)")
+    gs_tile = gs or min(128, ch)
+    rows = t.get("ROWS")
+    if rows is None:
+        # small rows: several per program so a program still moves ~8 KB
+        rows = _pow2_floor(max(1, min(16, 4096 // max(ch * nch, 1))))
+    warps = t.get("num_warps")
+    if warps is None:
+        # 8 elements (one 128-bit load of bf16) per thread per chunk; at T=64 on an H100 4 warps
+        # beat 8 and 16 for every family (norm_quant_tuning.json)
+        warps = max(1, min(8, ch * rows // 256))
+    return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
+                num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0)
+
+
+def supports(spec: NormQuantSpec, hidden: int) -> str | None:
+    """None when the kernel can run `spec` at hidden size `hidden`, else why not (for the
+    registry's `supports` check of the `triton` implementation on CUDA)."""
+    try:
+        spec.check_hidden(hidden)
+        plan(spec, hidden, None, None)
+    except SpecError as exc:
+        return str(exc)
+    if spec.norm.input_dtype not in _DT_CODE or (spec.norm.weight_dtype or torch.float32) not in _DT_CODE:
+        return "unsupported dtype"
+    return None

@@ -1,0 +1,340 @@
+"""Exact-arithmetic Triton building blocks of the fused RMSNorm -> quant kernel.
+
+Conversions that round like torch does (also under the interpreter, whose own f32->bf16
+truncates and f32->fp8 mis-rounds: those are done in integer arithmetic when INTERP is
+set), IEEE division with one FMA correction, NaN-propagating max, and the per-chunk row
+pieces (load, residual, normalise, scale, quantize, store) that
+`norm_quant_triton._rms_norm_quant_kernel` unrolls over the chunks of a row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
+# ----------------------------------------------------------------- conversions
+@triton.jit
+def _bf16_bits_rne(x):
+    """f32 -> the 16 bits of its RNE bf16 rounding, in a uint32 (NaN stays a quiet NaN)."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return tl.where(x != x, (b >> 16) | 0x40, r)
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """f32 value rounded to dtype DT (RNE) and back to f32."""
+    if DT == 0:
+        return x
+    elif DT == 1:
+        if INTERP:
+            return (_bf16_bits_rne(x) << 16).to(tl.float32, bitcast=True)
+        else:
+            return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _cvt_out(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """f32 -> dtype DT (RNE), as the tensor to store."""
+    if DT == 0:
+        return x
+    elif DT == 1:
+        if INTERP:
+            return _bf16_bits_rne(x).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def _up(v, DT: tl.constexpr, INTERP: tl.constexpr):
+    """A loaded bf16/f16/f32 tensor -> f32 (exact)."""
+    if DT == 1 and INTERP:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+
+# libdevice is not patched by the interpreter: under INTERP use tl.math / plain f32 tricks
+@triton.jit
+def _rint(x, INTERP: tl.constexpr):
+    """Round half to even to an integer value (f32)."""
+    if INTERP:
+        big = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x| < 2^22 to an integer (RNE)
+        return tl.where(tl.abs(x) < 4194304.0, (x + big) - big, x)
+    else:
+        return libdevice.rint(x)
+
+
+@triton.jit
+def _log2(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.log2(x)
+    else:
+        return libdevice.log2(x)
+
+
+@triton.jit
+def _exp2(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.exp2(x)
+    else:
+        return libdevice.exp2(x)
+
+
+@triton.jit
+def _ceil(x, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.math.ceil(x)
+    else:
+        return libdevice.ceil(x)
+
+
+@triton.jit
+def _to_fp8(t, INTERP: tl.constexpr):
+    """f32 in [-448, 448] or NaN -> float8_e4m3fn, round to nearest even."""
+    if INTERP:
+        b = t.to(tl.uint32, bitcast=True)
+        sign = (b >> 24) & 0x80
+        a = tl.abs(t)
+        ab = a.to(tl.uint32, bitcast=True)
+        # subnormal range of e4m3 (|t| < 2^-6): multiples of 2^-9, RNE via rint (exact scaling)
+        sub = _rint(a * 512.0, INTERP).to(tl.uint32)
+        # normal range: keep 3 mantissa bits, RNE; the carry propagates into the exponent
+        m = ab & 0x7FFFFF
+        m3 = m >> 20
+        rem = m & 0xFFFFF
+        up = ((rem > 0x80000) | ((rem == 0x80000) & ((m3 & 1) == 1))).to(tl.uint32)
+        e = (ab >> 23).to(tl.int32) - 127 + 7
+        nrm = (e.to(tl.uint32) << 3) + m3 + up
+        mag = tl.where(a < 0.015625, sub, nrm)
+        mag = tl.where(t != t, 0x7F, mag)
+        return (mag | sign).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        return t.to(tl.float8e4nv)
+
+
+@triton.jit
+def _div_exact(a, b, rb):
+    """a / b correctly rounded, given rb = RN(1/b): q0 = RN(a*rb) is within an ulp, the fma
+    residual a - b*q0 is exact, and one fma correction rounds to RN(a/b) (Markstein's
+    theorem, the fast path of CUDA's div.rn). 3 ops instead of div.rn's ~15 with a branch.
+    Where the residual is zero q0 is exact (and keeps the sign of a zero quotient, which the
+    correction would lose); where it is not finite (b = 0 or inf, a = inf) q0 already is
+    the IEEE quotient."""
+    q0 = a * rb
+    r = tl.fma(-q0, b, a)
+    q1 = tl.fma(r, rb, q0)
+    return tl.where((r == 0.0) | (q1 != q1), q0, q1)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _c32(v: tl.constexpr):
+    return tl.full([1], v, tl.float32)
+
+
+@triton.jit
+def _c64(v: tl.constexpr):
+    return tl.full([1], v, tl.float64)
+
+
+# ------------------------------------------------------------------ row pieces
+@triton.jit
+def _offs(c, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr):
+    g = tl.arange(0, CG)[None, :, None]
+    j = tl.arange(0, GS)[None, None, :]
+    return c * CH + g * GS + j  # [1, CG, GS] column index
+
+
+@triton.jit
+def _ld(ptr, roff, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+        MASKED: tl.constexpr):
+    """Raw load of chunk c of the rows (no conversion: the raw chunk is what a prefetch keeps)."""
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        return tl.load(ptr + roff + col, mask=rmask & (col < H), other=0.0)
+    else:
+        return tl.load(ptr + roff + col)
+
+
+@triton.jit
+def _finish_h(xv, rv, ro_ptr, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+              GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr, HS_DT: tl.constexpr,
+              MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """h, the norm's input (after the residual add), as it is kept in registers until the row
+    statistic is known: in the input dtype when that is exact (HS_DT != 0: half the
+    registers of f32, so more rows in flight per SM), else f32. Stores the new residual."""
+    if RES == 0:
+        if HS_DT == 0:
+            h = _up(xv, XDT, INTERP)
+        else:
+            h = xv
+    else:
+        x = _up(xv, XDT, INTERP)
+        r = _up(rv, XDT, INTERP)
+        if RES == 1:  # add in the input dtype: the sum is rounded, the norm reads the rounded sum
+            h = _rnd(x + r, XDT, INTERP)
+        else:  # f32 add: the norm reads the unrounded sum
+            h = x + r
+        hx = _cvt_out(h, XDT, INTERP)
+        col = _offs(c, CH, CG, GS)
+        if MASKED:
+            tl.store(ro_ptr + orow + col, hx, mask=rmask & (col < H))
+        else:
+            tl.store(ro_ptr + orow + col, hx)
+        if HS_DT != 0:
+            h = hx
+    return h
+
+
+@triton.jit
+def _normalize(h, rinv, rsq, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+               INV: tl.constexpr, WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr,
+               ODT: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Returns (ya, yq): ya = f32(y) (y rounded to the output dtype: amax, scales and the
+    returned normalised tensor use it); yq = the value quantized (ya, or in fast mode the
+    f32 product without the intermediate roundings)."""
+    if INV == 2:
+        hr = _div_exact(h, rinv, rsq)  # rinv holds sqrt(v) for div_sqrt
+    else:
+        hr = h * rinv
+    if WST == 0:
+        ya = _rnd(hr, ODT, INTERP)
+        yq = hr
+    else:
+        col = _offs(c, CH, CG, GS)
+        if MASKED:
+            w = _up(tl.load(w_ptr + col, mask=col < H, other=0.0), WDT, INTERP)
+        else:
+            w = _up(tl.load(w_ptr + col), WDT, INTERP)
+        if WST == 1:
+            n = _rnd(hr, CDT, INTERP)
+            ya = _rnd(n * w, ODT, INTERP)
+            if FAST:
+                yq = hr * w
+            else:
+                yq = ya
+        else:
+            if WST == 3:
+                w = 1.0 + w
+            yq = hr * w
+            ya = _rnd(yq, ODT, INTERP)
+    if not FAST:
+        yq = ya
+    return ya, yq
+
+
+@triton.jit
+def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
+                     SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, INTERP: tl.constexpr):
+    """amax (f32, any shape) -> the f32 scale, in the spec's scale-math dtype (SMD 0 f32, 1 bf16, 3 f64)."""
+    if SMD == 3:
+        a64 = a.to(tl.float64)
+        if HAS_UB:
+            a64 = tl.minimum(a64, _c64(UB), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_FLOOR and FLOOR_AMAX:
+            a64 = tl.maximum(a64, _c64(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if CONST_DIV:  # eager `c / t` is `t.reciprocal() * c`: two roundings
+            s64 = (1.0 / a64) * _c64(SCONST)
+        else:
+            s64 = a64 / _c64(SCONST)
+        if HAS_FLOOR and not FLOOR_AMAX:
+            s64 = tl.maximum(s64, _c64(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if UE8M0:
+            s64 = _exp2(_ceil(_log2(s64, INTERP), INTERP), INTERP)
+        s = s64.to(tl.float32)
+    else:
+        # f32 math; with bf16 math every op result is rounded to bf16 (torch computes bf16
+        # ops in f32 and rounds each result)
+        s = _rnd(a, SMD, INTERP)
+        if HAS_UB:
+            s = tl.minimum(s, _c32(UB), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_FLOOR and FLOOR_AMAX:
+            s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if CONST_DIV:  # eager `c / t` is `t.reciprocal() * c`: two roundings
+            s = _rnd(_rnd(tl.div_rn(_c32(1.0), s), SMD, INTERP) * _c32(SCONST), SMD, INTERP)
+        else:
+            s = _rnd(_div_exact(s, _c32(SCONST), _c32(RCONST)), SMD, INTERP)
+        if HAS_FLOOR and not FLOOR_AMAX:
+            s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
+        if UE8M0:
+            # log2 rounded to f32 (computed in f64, rounded once), then to the math dtype;
+            # ceil and exp2 of an integer are exact
+            lg = _rnd(_log2(s.to(tl.float64), INTERP).to(tl.float32), SMD, INTERP)
+            s = _exp2(_ceil(lg, INTERP).to(tl.float64), INTERP).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+                 GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
+                 CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+                 INTERP: tl.constexpr):
+    if APPLY == 2:
+        t = yq * s
+    elif APPLY == 1 or FAST or UE8M0:
+        # x / 2^k == x * 2^-k exactly, so ue8m0 scales may always multiply
+        t = yq * rs
+    else:
+        t = _div_exact(yq, s, rs)
+    if INT8:
+        t = _rint(t, INTERP)
+    t = tl.clamp(t, CLO, CHI, propagate_nan=tl.PropagateNan.ALL)
+    if INT8:
+        qv = t.to(tl.int8)
+    else:
+        qv = _to_fp8(t, INTERP)
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        tl.store(q_ptr + qrow + col, qv, mask=rmask & (col < H))
+    else:
+        tl.store(q_ptr + qrow + col, qv)
+
+
+@triton.jit
+def _store_y(ya, y_ptr, yrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+             ODT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        tl.store(y_ptr + yrow + col, _cvt_out(ya, ODT, INTERP), mask=rmask & (col < H))
+    else:
+        tl.store(y_ptr + yrow + col, _cvt_out(ya, ODT, INTERP))
+
+
+@triton.jit
+def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr, COLMAJ: tl.constexpr,
+                  H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+                  SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                  FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
+                  SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
+                  CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Per-group quantization of one chunk: the groups of a chunk are all inside it."""
+    a = tl.reduce(tl.abs(ya), 2, _max_nan, keep_dims=True)  # [ROWS, CG, 1]
+    s = _scale_from_amax(a, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, INTERP)
+    rs = tl.div_rn(_c32(1.0), s)
+    _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP)
+    gidx = c * CG + tl.arange(0, CG)[None, :, None]  # [1, CG, 1]
+    r3 = rows[:, None, None].to(tl.int64)
+    if COLMAJ:
+        sp = s_ptr + gidx.to(tl.int64) * M + r3
+    else:
+        sp = s_ptr + r3 * G + gidx
+    if MASKED:
+        tl.store(sp, s, mask=rmask & (gidx < G))
+    else:
+        tl.store(sp, s)
