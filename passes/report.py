@@ -64,6 +64,7 @@ class Report(dict):
     def __init__(self) -> None:
         super().__init__()
         self.graphs = 0
+        self.overhead_seconds = 0.0  # the manager's own time (the undo snapshot), outside any pass
 
     def stats(self, name: str) -> PassStats:
         return self.setdefault(name, PassStats())
@@ -72,7 +73,8 @@ class Report(dict):
         return {name: stats.rewritten for name, stats in self.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graphs": self.graphs, "passes": {name: s.to_dict() for name, s in self.items()}}
+        return {"graphs": self.graphs, "overhead_seconds": self.overhead_seconds,
+                "passes": {name: s.to_dict() for name, s in self.items()}}
 
     def summary(self) -> str:
         parts = [
@@ -102,6 +104,7 @@ def record_graph(graph_report: Report) -> None:
     """Fold one graph's report into the module report and log it."""
     with _lock:
         _report.graphs += graph_report.graphs
+        _report.overhead_seconds += graph_report.overhead_seconds
         for name, stats in graph_report.items():
             _report.stats(name).merge(stats)
     log.info(graph_report.summary())

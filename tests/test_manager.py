@@ -194,6 +194,30 @@ def test_failing_pass_leaves_graph_unchanged_and_warns():
     assert stats.errors and stats.matched == 0  # counts of an undone pass are dropped
 
 
+def test_a_failing_pass_keeps_the_rewrites_of_the_passes_before_it():
+    graph = graph_of(model, torch.randn(4))
+    expected = graph_of(model, torch.randn(4))
+    FusewrightPassManager(PassConfig(), passes=[MulToAdd()])(expected)
+
+    class ExplodesOnAdd(Explodes):
+        name = "explodes_on_add"
+        order = 60
+
+        def run(self, graph, ctx):
+            for node in list(graph.nodes):
+                if node.target == aten.add.Tensor:
+                    with ctx.at(node):
+                        node.target = aten.sub.Tensor  # damage first...
+                        raise RuntimeError("boom")  # ...then fail
+
+    fusewright.reset_report()
+    with pytest.warns(FusewrightWarning, match="explodes_on_add"):
+        FusewrightPassManager(PassConfig(), passes=[MulToAdd(), ExplodesOnAdd()])(graph)
+    assert str(graph) == str(expected)  # MulToAdd's rewrite stands, the damage is gone
+    report = fusewright.last_report()
+    assert report["mul_to_add"].rewritten == 1 and report["explodes_on_add"].errors
+
+
 def test_strict_mode_reraises():
     graph = graph_of(model, torch.randn(4))
     before = str(graph)

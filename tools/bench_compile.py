@@ -47,7 +47,8 @@ def _pass_seconds() -> tuple[float, int]:
     import fusewright
 
     report = fusewright.last_report()
-    return sum(s.seconds for s in report.values()), sum(s.rewritten for s in report.values())
+    seconds = report.overhead_seconds + sum(s.seconds for s in report.values())
+    return seconds, sum(s.rewritten for s in report.values())
 
 
 def measure_model(name: str, config, repeat: int) -> dict:
