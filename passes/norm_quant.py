@@ -119,8 +119,9 @@ class NormQuantPass(GraphPass):
                     continue
                 self._rewrite(graph, match, choice.impl, fake[0].dim())
                 changed = True
-                why = f" (strided {', '.join(match.strided)})" if match.strided else ""
-                ctx.rewritten(detail=f"{match.spec.describe()} -> {choice.name}{why}")
+                # What it was lowered to, and why (graph-diff shows these details).
+                why = f"strided {', '.join(match.strided)}" if match.strided else choice.reason
+                ctx.rewritten(detail=f"{match.spec.describe()} -> {choice.name} ({why})")
         if changed:
             from torch._inductor.pattern_matcher import stable_topological_sort
 

@@ -99,7 +99,7 @@ def test_auto_on_cpu_is_the_aten_sequence():
     inputs = cases.make_inputs("t5", "torchao_row", False)
     run = compile_and_capture(fn, inputs)
     stats = run.report["fuse_norm_quant"]
-    assert stats.rewritten == 1 and all(k.endswith("-> aten") for k in stats.details)
+    assert stats.rewritten == 1 and all("-> aten (" in k for k in stats.details)
     assert count_targets(run.graphs_after[0], OP) == 0
 
 

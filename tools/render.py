@@ -109,14 +109,17 @@ def _print_passes(report: GraphDiffReport, console) -> None:
         console.print("rewrites: none (no pass ran)")
         return
     table = Table(title="fusewright passes", title_justify="left")
-    for col in ("pass", "matched", "rewritten", "skipped"):
+    for col in ("pass", "matched", "rewritten", "skipped", "lowered to (why) / variants"):
         table.add_column(col, overflow="fold")
     for name, stats in passes.items():
         reasons = "; ".join(sorted({s["reason"] for s in stats.get("skipped", [])}))[:200]
         skipped = f"{len(stats.get('skipped', []))}" + (f" ({reasons})" if reasons else "")
         errors = stats.get("errors") or []
+        # The passes record what each match was lowered to, and why, as detail strings
+        # (lowering/registry.py Choice.detail; variant names for the other passes).
+        details = "; ".join(f"{detail} x{count}" for detail, count in sorted((stats.get("details") or {}).items()))
         table.add_row(name, str(stats.get("matched", 0)), str(stats.get("rewritten", 0)),
-                      skipped + (f" [red]{len(errors)} failed[/]" if errors else ""))
+                      skipped + (f" [red]{len(errors)} failed[/]" if errors else ""), details)
     console.print(table)
 
 
