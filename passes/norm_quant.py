@@ -87,6 +87,13 @@ class NormQuantPass(GraphPass):
         norm_quant_ops,
     )
 
+    def source_files(self) -> list[str]:
+        # The shipped measurements decide `auto`'s lowering, so they are part of the cache key.
+        from ..lowering import norm_quant_choice, norm_quant_plan
+
+        tables = {norm_quant_plan.TUNING_PATH, norm_quant_choice.CHOICE_PATH}
+        return sorted(set(super().source_files()) | tables)
+
     def run(self, graph: fx.Graph, ctx: PassContext) -> None:
         changed = False
         for mean in nq_patterns.find_anchors(graph):
