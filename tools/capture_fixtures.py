@@ -124,15 +124,11 @@ CASES = {
 }
 
 
-def _compile_codes(fn, inputs, options=None, dynamic=None):
-    from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
+def _compile_codes(fn, inputs, fusewright=False, dynamic=None):
+    """Inductor's output code for `fn` (fresh Dynamo, no FX graph cache)."""
+    from ..testing import compile_and_capture
 
-    torch._dynamo.reset()
-    with inductor_config.patch({"fx_graph_cache": False, "fx_graph_remote_cache": False}):
-        with torch.no_grad():
-            _, codes = run_and_get_code(torch.compile(fn, options=options or {}, dynamic=dynamic), *inputs)
-    return list(codes)
+    return compile_and_capture(fn, inputs, enable=fusewright, dynamic=dynamic).codes
 
 
 def _write(out: Path, name: str, codes: list[str], manifest: dict, **info) -> None:
@@ -181,15 +177,13 @@ def _extra_cases(device: str):
                manifest, expected_noop=1, note="dynamic shapes: symbolic sizes")
 
     def example_before_after(out, manifest):
-        from fusewright.passes.api import inductor_options
         from fusewright.passes.report import last_report
         from fusewright.tools.example import example
 
         model, inputs = example(device)
         _write(out, "example_before", _compile_codes(model, inputs), manifest, expected_noop=None,
                note="built-in example, stock Inductor")
-        options = inductor_options(None)
-        _write(out, "example_after", _compile_codes(model, inputs, options), manifest, expected_noop=None,
+        _write(out, "example_after", _compile_codes(model, inputs, fusewright=True), manifest, expected_noop=None,
                note="built-in example, fusewright on", rewrites=last_report().rewrites())
 
     return {"mm_template": mm_template, "user_triton": user_triton, "dynamic_roundtrip": dynamic_roundtrip,
