@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -116,6 +116,3 @@ def is_op(node: Any, *targets: Any) -> bool:
             return True
     return False
 
-
-def users_of(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    return {user for node in nodes for user in node.users}

@@ -78,7 +78,6 @@ def measure_model(name: str, config, repeat: int) -> dict:
 
 
 def measure_scaling(layers: list[int], config) -> list[dict]:
-    import fusewright
     from fusewright.testing import compile_and_capture
     from fusewright.tools.model_zoo import llama
 
