@@ -56,6 +56,91 @@ from .norm_quant_triton_math import (
 
 
 # ---------------------------------------------------------------------- kernel
+# Why per-chunk helpers and `if NCH > k` ladders: a row is NCH <= 8 separate register tiles
+# (Triton cannot keep a list of tensors across a loop), so each step is one helper called
+# once per chunk behind a constexpr guard; unused chunk slots repeat chunk 0 and are never read.
+
+
+@triton.jit
+def _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, c: tl.constexpr, x_dflt, r_dflt, H: tl.constexpr,
+              CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, RES: tl.constexpr,
+              LDMASK: tl.constexpr):
+    """Raw chunk c of x and of the residual (x again without one); the defaults past NCH."""
+    if NCH > c:
+        xv = _ld(x_ptr, rows_x, lm, c, H, CH, CG, GS, LDMASK)
+        if RES != 0:
+            rv = _ld(r_ptr, rows_r, lm, c, H, CH, CG, GS, LDMASK)
+        else:
+            rv = xv
+    else:
+        xv = x_dflt
+        rv = r_dflt
+    return xv, rv
+
+
+@triton.jit
+def _ld_rows(x_ptr, r_ptr, rows, M, x_stride, r_stride, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
+             CG: tl.constexpr, GS: tl.constexpr, RES: tl.constexpr, LDMASK: tl.constexpr):
+    """The raw chunks x0..x7, r0..r7 of `rows`: what a program (or the persistent loop's
+    prefetch) holds before the row is processed."""
+    rows_x = rows.to(tl.int64)[:, None, None] * x_stride
+    rows_r = rows.to(tl.int64)[:, None, None] * r_stride
+    lm = (rows < M)[:, None, None]
+    x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
+    if RES != 0:
+        r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
+    else:
+        r0 = x0
+    x1, r1 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 1, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x2, r2 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 2, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x3, r3 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 3, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x4, r4 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 4, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x5, r5 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 5, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x6, r6 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 6, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    x7, r7 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 7, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
+    return x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
+def _head_chunk(xv, rv, c: tl.constexpr, h_dflt, sq, ro_ptr, orow, rmask3, H: tl.constexpr, CH: tl.constexpr,
+                NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
+                HS_DT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Chunk c's norm input h (stores the new residual) and the running elementwise sum of
+    squares. Squares are summed across chunks elementwise and reduced once per row: the
+    contract leaves the summation order free, and one block reduction instead of NCH saves
+    NCH - 1 cross-warp barriers, which is most of a single row's latency at decode sizes."""
+    if NCH > c:
+        h = _finish_h(xv, rv, ro_ptr, orow, rmask3, c, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+        hh = _up(h, HS_DT, INTERP)
+        sq = sq + hh * hh
+    else:
+        h = h_dflt
+    return h, sq
+
+
+@triton.jit
+def _token_chunk(h, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H: tl.constexpr,
+                 CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
+                 WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr, HS_DT: tl.constexpr,
+                 RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+    """Per-token kinds, chunk c: normalise, fold |y| into the running elementwise amax (one
+    block reduction per row, as for the sum of squares), and keep the value to quantize
+    once the row's scale is known (in the output dtype in exact mode: half the registers)."""
+    if NCH > c:
+        ya, yq = _normalize(_up(h, HS_DT, INTERP), rinv, rsq, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
+                            FAST, MASKED, INTERP)
+        am = _max_nan(am, tl.abs(ya))
+        if RET_Y:
+            _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
+        if FAST:
+            yk = yq
+        else:
+            yk = _cvt_out(ya, ODT, INTERP)
+    else:
+        yk = yk_dflt
+    return yk, am
+
+
 @triton.jit
 def _process(
     rows, x0, x1, x2, x3, x4, x5, x6, x7,
@@ -83,38 +168,18 @@ def _process(
     HS_DT: tl.constexpr = XDT if RES != 2 else 0
     YS_DT: tl.constexpr = 0 if FAST else ODT
 
-    # ---- pass 1: load every chunk once, sum of squares
+    # ---- pass 1: the norm input of every chunk, its sum of squares
     h0 = _finish_h(x0, r0, ro_ptr, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
     hh = _up(h0, HS_DT, INTERP)
-    ss = tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 1:
-        h1 = _finish_h(x1, r1, ro_ptr, orow, rmask3, 1, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h1, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 2:
-        h2 = _finish_h(x2, r2, ro_ptr, orow, rmask3, 2, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h2, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 3:
-        h3 = _finish_h(x3, r3, ro_ptr, orow, rmask3, 3, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h3, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 4:
-        h4 = _finish_h(x4, r4, ro_ptr, orow, rmask3, 4, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h4, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 5:
-        h5 = _finish_h(x5, r5, ro_ptr, orow, rmask3, 5, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h5, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 6:
-        h6 = _finish_h(x6, r6, ro_ptr, orow, rmask3, 6, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h6, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
-    if NCH > 7:
-        h7 = _finish_h(x7, r7, ro_ptr, orow, rmask3, 7, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
-        hh = _up(h7, HS_DT, INTERP)
-        ss += tl.sum(tl.sum(hh * hh, 2), 1)
+    sq = hh * hh
+    h1, sq = _head_chunk(x1, r1, 1, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h2, sq = _head_chunk(x2, r2, 2, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h3, sq = _head_chunk(x3, r3, 3, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h4, sq = _head_chunk(x4, r4, 4, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h5, sq = _head_chunk(x5, r5, 5, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h6, sq = _head_chunk(x6, r6, 6, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    h7, sq = _head_chunk(x7, r7, 7, h0, sq, ro_ptr, orow, rmask3, H, CH, NCH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
+    ss = tl.sum(tl.sum(sq, 2), 1)
 
     # ---- the row statistic: mean = sum / H (true division, as eager CPU mean), + f32 eps
     v = _div_exact(ss, _c32(H), _c32(RH)) + _c32(EPS)
@@ -134,90 +199,33 @@ def _process(
     rinv = rinv[:, None, None]
     rsq = rsq[:, None, None]
 
-    s_static = 0.0
-    rs_static = 0.0
-    if KIND == 0:
-        sv = tl.load(sin_ptr)
-        if SIN_DT == 1 and INTERP:
-            s_static = _up(sv, 1, INTERP)
-        else:
-            s_static = sv.to(tl.float32)
-        rs_static = tl.div_rn(_c32(1.0), s_static)
-
     # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
     # keeps the normalised chunks until the row amax is known
     if KIND == 1 or KIND == 3:
-        ya0, yq0 = _normalize(_up(h0, HS_DT, INTERP), rinv, rsq, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-        am = tl.reduce(tl.reduce(tl.abs(ya0), 2, _max_nan), 1, _max_nan)
+        ya0, yq0 = _normalize(_up(h0, HS_DT, INTERP), rinv, rsq, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
+                              FAST, MASKED, INTERP)
+        amt = tl.abs(ya0)
         if RET_Y:
             _store_y(ya0, y_ptr, orow, rmask3, 0, H, CH, CG, GS, ODT, MASKED, INTERP)
         if FAST:
             yk0 = yq0
         else:
             yk0 = _cvt_out(ya0, ODT, INTERP)
-        if NCH > 1:
-            ya1, yq1 = _normalize(_up(h1, HS_DT, INTERP), rinv, rsq, w_ptr, 1, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya1), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya1, y_ptr, orow, rmask3, 1, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk1 = yq1
-            else:
-                yk1 = _cvt_out(ya1, ODT, INTERP)
-        if NCH > 2:
-            ya2, yq2 = _normalize(_up(h2, HS_DT, INTERP), rinv, rsq, w_ptr, 2, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya2), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya2, y_ptr, orow, rmask3, 2, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk2 = yq2
-            else:
-                yk2 = _cvt_out(ya2, ODT, INTERP)
-        if NCH > 3:
-            ya3, yq3 = _normalize(_up(h3, HS_DT, INTERP), rinv, rsq, w_ptr, 3, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya3), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya3, y_ptr, orow, rmask3, 3, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk3 = yq3
-            else:
-                yk3 = _cvt_out(ya3, ODT, INTERP)
-        if NCH > 4:
-            ya4, yq4 = _normalize(_up(h4, HS_DT, INTERP), rinv, rsq, w_ptr, 4, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya4), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya4, y_ptr, orow, rmask3, 4, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk4 = yq4
-            else:
-                yk4 = _cvt_out(ya4, ODT, INTERP)
-        if NCH > 5:
-            ya5, yq5 = _normalize(_up(h5, HS_DT, INTERP), rinv, rsq, w_ptr, 5, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya5), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya5, y_ptr, orow, rmask3, 5, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk5 = yq5
-            else:
-                yk5 = _cvt_out(ya5, ODT, INTERP)
-        if NCH > 6:
-            ya6, yq6 = _normalize(_up(h6, HS_DT, INTERP), rinv, rsq, w_ptr, 6, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya6), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya6, y_ptr, orow, rmask3, 6, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk6 = yq6
-            else:
-                yk6 = _cvt_out(ya6, ODT, INTERP)
-        if NCH > 7:
-            ya7, yq7 = _normalize(_up(h7, HS_DT, INTERP), rinv, rsq, w_ptr, 7, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
-            am = _max_nan(am, tl.reduce(tl.reduce(tl.abs(ya7), 2, _max_nan), 1, _max_nan))
-            if RET_Y:
-                _store_y(ya7, y_ptr, orow, rmask3, 7, H, CH, CG, GS, ODT, MASKED, INTERP)
-            if FAST:
-                yk7 = yq7
-            else:
-                yk7 = _cvt_out(ya7, ODT, INTERP)
+        yk1, amt = _token_chunk(h1, 1, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk2, amt = _token_chunk(h2, 2, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk3, amt = _token_chunk(h3, 3, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk4, amt = _token_chunk(h4, 4, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk5, amt = _token_chunk(h5, 5, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk6, amt = _token_chunk(h6, 6, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk7, amt = _token_chunk(h7, 7, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
+                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        am = tl.reduce(tl.reduce(amt, 2, _max_nan), 1, _max_nan)
         s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0,
                                  INTERP)
         if ROWS == 1 or not MASKED:
@@ -242,6 +250,15 @@ def _process(
         if NCH > 7:
             _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
     else:
+        s_static = 0.0
+        rs_static = 0.0
+        if KIND == 0:
+            sv = tl.load(sin_ptr)
+            if SIN_DT == 1 and INTERP:
+                s_static = _up(sv, 1, INTERP)
+            else:
+                s_static = sv.to(tl.float32)
+            rs_static = tl.div_rn(_c32(1.0), s_static)
         _chunk_local(_up(h0, HS_DT, INTERP), 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                      H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
                      FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
@@ -301,244 +318,23 @@ def _rms_norm_quant_kernel(
     if PERSIST:
         nprog = tl.num_programs(0)
         rows = pid + tl.arange(0, 1)
-        rows_x = rows.to(tl.int64)[:, None, None] * x_stride
-        rows_r = rows.to(tl.int64)[:, None, None] * r_stride
-        lm = (rows < M)[:, None, None]
-        x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
-        if RES != 0:
-            r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
-        else:
-            r0 = x0
-        if NCH > 1:
-            x1 = _ld(x_ptr, rows_x, lm, 1, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r1 = _ld(r_ptr, rows_r, lm, 1, H, CH, CG, GS, LDMASK)
-            else:
-                r1 = x1
-        else:
-            x1 = x0
-            r1 = r0
-        if NCH > 2:
-            x2 = _ld(x_ptr, rows_x, lm, 2, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r2 = _ld(r_ptr, rows_r, lm, 2, H, CH, CG, GS, LDMASK)
-            else:
-                r2 = x2
-        else:
-            x2 = x0
-            r2 = r0
-        if NCH > 3:
-            x3 = _ld(x_ptr, rows_x, lm, 3, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r3 = _ld(r_ptr, rows_r, lm, 3, H, CH, CG, GS, LDMASK)
-            else:
-                r3 = x3
-        else:
-            x3 = x0
-            r3 = r0
-        if NCH > 4:
-            x4 = _ld(x_ptr, rows_x, lm, 4, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r4 = _ld(r_ptr, rows_r, lm, 4, H, CH, CG, GS, LDMASK)
-            else:
-                r4 = x4
-        else:
-            x4 = x0
-            r4 = r0
-        if NCH > 5:
-            x5 = _ld(x_ptr, rows_x, lm, 5, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r5 = _ld(r_ptr, rows_r, lm, 5, H, CH, CG, GS, LDMASK)
-            else:
-                r5 = x5
-        else:
-            x5 = x0
-            r5 = r0
-        if NCH > 6:
-            x6 = _ld(x_ptr, rows_x, lm, 6, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r6 = _ld(r_ptr, rows_r, lm, 6, H, CH, CG, GS, LDMASK)
-            else:
-                r6 = x6
-        else:
-            x6 = x0
-            r6 = r0
-        if NCH > 7:
-            x7 = _ld(x_ptr, rows_x, lm, 7, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r7 = _ld(r_ptr, rows_r, lm, 7, H, CH, CG, GS, LDMASK)
-            else:
-                r7 = x7
-        else:
-            x7 = x0
-            r7 = r0
+        x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
+            x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
         for _ in range(pid, M, nprog):
             nrows = rows + nprog
-            nrows_x = nrows.to(tl.int64)[:, None, None] * x_stride
-            nrows_r = nrows.to(tl.int64)[:, None, None] * r_stride
-            nlm = (nrows < M)[:, None, None]
-            nx0 = _ld(x_ptr, nrows_x, nlm, 0, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                nr0 = _ld(r_ptr, nrows_r, nlm, 0, H, CH, CG, GS, LDMASK)
-            else:
-                nr0 = nx0
-            if NCH > 1:
-                nx1 = _ld(x_ptr, nrows_x, nlm, 1, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr1 = _ld(r_ptr, nrows_r, nlm, 1, H, CH, CG, GS, LDMASK)
-                else:
-                    nr1 = nx1
-            else:
-                nx1 = nx0
-                nr1 = nr0
-            if NCH > 2:
-                nx2 = _ld(x_ptr, nrows_x, nlm, 2, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr2 = _ld(r_ptr, nrows_r, nlm, 2, H, CH, CG, GS, LDMASK)
-                else:
-                    nr2 = nx2
-            else:
-                nx2 = nx0
-                nr2 = nr0
-            if NCH > 3:
-                nx3 = _ld(x_ptr, nrows_x, nlm, 3, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr3 = _ld(r_ptr, nrows_r, nlm, 3, H, CH, CG, GS, LDMASK)
-                else:
-                    nr3 = nx3
-            else:
-                nx3 = nx0
-                nr3 = nr0
-            if NCH > 4:
-                nx4 = _ld(x_ptr, nrows_x, nlm, 4, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr4 = _ld(r_ptr, nrows_r, nlm, 4, H, CH, CG, GS, LDMASK)
-                else:
-                    nr4 = nx4
-            else:
-                nx4 = nx0
-                nr4 = nr0
-            if NCH > 5:
-                nx5 = _ld(x_ptr, nrows_x, nlm, 5, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr5 = _ld(r_ptr, nrows_r, nlm, 5, H, CH, CG, GS, LDMASK)
-                else:
-                    nr5 = nx5
-            else:
-                nx5 = nx0
-                nr5 = nr0
-            if NCH > 6:
-                nx6 = _ld(x_ptr, nrows_x, nlm, 6, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr6 = _ld(r_ptr, nrows_r, nlm, 6, H, CH, CG, GS, LDMASK)
-                else:
-                    nr6 = nx6
-            else:
-                nx6 = nx0
-                nr6 = nr0
-            if NCH > 7:
-                nx7 = _ld(x_ptr, nrows_x, nlm, 7, H, CH, CG, GS, LDMASK)
-                if RES != 0:
-                    nr7 = _ld(r_ptr, nrows_r, nlm, 7, H, CH, CG, GS, LDMASK)
-                else:
-                    nr7 = nx7
-            else:
-                nx7 = nx0
-                nr7 = nr0
+            nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7, nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7 = _ld_rows(
+                x_ptr, r_ptr, nrows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
             _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
                      H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP)
-            x0 = nx0
-            r0 = nr0
-            x1 = nx1
-            r1 = nr1
-            x2 = nx2
-            r2 = nr2
-            x3 = nx3
-            r3 = nr3
-            x4 = nx4
-            r4 = nr4
-            x5 = nx5
-            r5 = nr5
-            x6 = nx6
-            r6 = nr6
-            x7 = nx7
-            r7 = nr7
+            x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
+            r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
             rows = nrows
     else:
         rows = pid * ROWS + tl.arange(0, ROWS)
-        rows_x = rows.to(tl.int64)[:, None, None] * x_stride
-        rows_r = rows.to(tl.int64)[:, None, None] * r_stride
-        lm = (rows < M)[:, None, None]
-        x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
-        if RES != 0:
-            r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
-        else:
-            r0 = x0
-        if NCH > 1:
-            x1 = _ld(x_ptr, rows_x, lm, 1, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r1 = _ld(r_ptr, rows_r, lm, 1, H, CH, CG, GS, LDMASK)
-            else:
-                r1 = x1
-        else:
-            x1 = x0
-            r1 = r0
-        if NCH > 2:
-            x2 = _ld(x_ptr, rows_x, lm, 2, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r2 = _ld(r_ptr, rows_r, lm, 2, H, CH, CG, GS, LDMASK)
-            else:
-                r2 = x2
-        else:
-            x2 = x0
-            r2 = r0
-        if NCH > 3:
-            x3 = _ld(x_ptr, rows_x, lm, 3, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r3 = _ld(r_ptr, rows_r, lm, 3, H, CH, CG, GS, LDMASK)
-            else:
-                r3 = x3
-        else:
-            x3 = x0
-            r3 = r0
-        if NCH > 4:
-            x4 = _ld(x_ptr, rows_x, lm, 4, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r4 = _ld(r_ptr, rows_r, lm, 4, H, CH, CG, GS, LDMASK)
-            else:
-                r4 = x4
-        else:
-            x4 = x0
-            r4 = r0
-        if NCH > 5:
-            x5 = _ld(x_ptr, rows_x, lm, 5, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r5 = _ld(r_ptr, rows_r, lm, 5, H, CH, CG, GS, LDMASK)
-            else:
-                r5 = x5
-        else:
-            x5 = x0
-            r5 = r0
-        if NCH > 6:
-            x6 = _ld(x_ptr, rows_x, lm, 6, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r6 = _ld(r_ptr, rows_r, lm, 6, H, CH, CG, GS, LDMASK)
-            else:
-                r6 = x6
-        else:
-            x6 = x0
-            r6 = r0
-        if NCH > 7:
-            x7 = _ld(x_ptr, rows_x, lm, 7, H, CH, CG, GS, LDMASK)
-            if RES != 0:
-                r7 = _ld(r_ptr, rows_r, lm, 7, H, CH, CG, GS, LDMASK)
-            else:
-                r7 = x7
-        else:
-            x7 = x0
-            r7 = r0
+        x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
+            x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
         _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                  r0, r1, r2, r3, r4, r5, r6, r7,
                  w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
