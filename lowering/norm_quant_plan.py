@@ -30,9 +30,12 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-# Below this many rows a launch is latency-bound (fewer than ~8 rows per SM): its tile plan is
-# tuned separately ("small" keys of the tuning table).
+# Size classes of the tuning table. Below SMALL_M rows a launch is latency-bound (fewer than
+# ~8 rows per SM); below LARGE_M (T = 4096 is the usual prefill chunk) a launch is a few waves
+# of programs, so ramp-up and the last wave weigh more than at T = 16384 and another plan
+# can win. "mid" falls back to "large" where it was not measured.
 SMALL_M = 1024
+LARGE_M = 8192
 TUNING_PATH = os.path.join(os.path.dirname(__file__), "norm_quant_tuning.json")
 ENV_TUNING = "FUSEWRIGHT_NQ_TUNING"
 
@@ -53,17 +56,24 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
     if spec.norm.residual != "none":
         fam += "+res"
-    size = "small" if m is not None and m < SMALL_M else "large"
-    return f"{fam}/{hidden}/{size}"
+    return f"{fam}/{hidden}/{size_class(m)}"
+
+
+def size_class(m: int | None) -> str:
+    """small / mid / large: the tuning table's size class of a launch of `m` rows (None: large)."""
+    if m is None or m >= LARGE_M:
+        return "large"
+    return "small" if m < SMALL_M else "mid"
 
 
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
     size, else (a residual family not measured) the family without the residual."""
     fam, hidden, size = key.split("/")
-    for f in (fam, fam.replace("+res", "")):
+    sizes = ("mid", "large") if size == "mid" else (size,)
+    for f, sz in ((f, sz) for f in (fam, fam.replace("+res", "")) for sz in sizes):
         cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
-                 if k.split("/")[0] == f and k.split("/")[2] == size]
+                 if k.split("/")[0] == f and k.split("/")[2] == sz]
         if cands:
             distance, entry = min(cands, key=lambda c: c[0])
             # A chunk width fits the hidden size it was measured at (2048 is ideal at 4096

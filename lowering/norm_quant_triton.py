@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - older layouts
 from .norm_quant_spec import NormQuantSpec, SpecError
 from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table: re-exported API)
     _APPLY_CODE, _DT_CODE, _INV_CODE, _KIND_CODE, _RES_CODE, _W_CODE, ENV_TUNING, TUNING_PATH,
-    SMALL_M, _tuning_table, plan, supports, tuning_key,
+    LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
     _c32, _cvt_out, _div_exact, _finish_h, _group_finish, _ld, _max_nan, _normalize, _quant_store,
@@ -391,8 +391,8 @@ def _as_2d(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_plan(spec: NormQuantSpec, hidden: int, small: bool, table_path: str) -> dict:
-    return plan(spec, hidden, None, 0 if small else SMALL_M)
+def _cached_plan(spec: NormQuantSpec, hidden: int, size: str, table_path: str) -> dict:
+    return plan(spec, hidden, None, {"small": 0, "mid": SMALL_M, "large": LARGE_M}[size])
 
 
 @functools.lru_cache(maxsize=256)
@@ -439,7 +439,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
     if tuning is None:  # the plan depends on m only through its size class: cached
-        cfg = _cached_plan(spec, hidden, m < SMALL_M, os.environ.get(ENV_TUNING) or TUNING_PATH)
+        cfg = _cached_plan(spec, hidden, size_class(m), os.environ.get(ENV_TUNING) or TUNING_PATH)
     else:
         cfg = plan(spec, hidden, tuning, m)
 

@@ -56,8 +56,8 @@ def test_shipped_tables_are_well_formed():
         tuning = json.load(f)["configs"]
     for key, cfg in tuning.items():
         fam, hidden, size = key.split("/")
-        assert fam in ("token", "local", "token+res", "local+res") and size in ("small", "large")
-        p = nqt.plan(_spec(), int(hidden), dict(cfg), m=64 if size == "small" else 16384)
+        assert fam in ("token", "local", "token+res", "local+res") and size in ("small", "mid", "large")
+        p = nqt.plan(_spec(), int(hidden), dict(cfg), m={"small": 64, "mid": 4096, "large": 16384}[size])
         assert p["CH"] * p["NCH"] >= int(hidden)
 
 
@@ -75,6 +75,18 @@ def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_pat
         p = nqt.plan(_spec(residual="input_dtype"), 7168, m=16384)
         assert (p["CH"], p["num_warps"], p["PERSIST"]) == (1024, 4, 2)
         assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
+        # no mid entry: T = 4096 takes the large plan; a mid entry wins for its class only
+        assert nqt.plan(_spec(residual="input_dtype"), 7168, m=4096)["PERSIST"] == 2
+    finally:
+        nqt._tuning_table.cache_clear()
+    path.write_text(json.dumps({"configs": {"token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2},
+                                            "token/8192/mid": {"CH": 2048, "num_warps": 8}}}))
+    nqt._tuning_table.cache_clear()
+    try:
+        assert nqt.size_class(4096) == "mid" and nqt.size_class(1023) == "small" and nqt.size_class(8192) == "large"
+        p = nqt.plan(_spec(), 8192, m=4096)
+        assert (p["CH"], p["num_warps"], p["PERSIST"]) == (2048, 8, 0)
+        assert nqt.plan(_spec(), 8192, m=16384)["PERSIST"] == 2
     finally:
         nqt._tuning_table.cache_clear()
 
