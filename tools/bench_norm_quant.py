@@ -138,7 +138,6 @@ def copy_bandwidth(timer: Timer, detail: dict | None = None) -> float:
     a, b = x.view(torch.bfloat16), y.view(torch.bfloat16)
     a.normal_()
     kernel = 2 * 2**30 / (timer.hbm(lambda: torch.neg(a, out=b)) * 1e-6)
-    del x, y, a, b
     if detail is not None:
         detail.update(copy_memcpy_TBps=round(memcpy / 1e12, 3), copy_kernel_TBps=round(kernel / 1e12, 3))
     return max(memcpy, kernel)
