@@ -10,6 +10,8 @@ lost about 1 ms per decode step.
 
 `TPDecoderLayer(world_size=1)` holds the full weights; `shard(rank, world_size)` gives a
 rank's layer, so a test can compare every rank with the single-process layer.
+`kv_heads < heads` gives grouped-query attention (Llama-3: 32 query heads, 8 KV heads):
+the fused QKV weight is then `[q; k; v]` blocks of unequal height, each sharded by rows.
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ def _fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class TPDecoderLayer(nn.Module):
     def __init__(self, hidden: int = 128, heads: int = 4, intermediate: int = 256, world_size: int = 1,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, kv_heads: int | None = None) -> None:
         super().__init__()
-        assert heads % world_size == 0 and intermediate % world_size == 0
-        self.hidden, self.heads, self.world_size, self.eps = hidden, heads, world_size, eps
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads % world_size or kv_heads % world_size or intermediate % world_size or heads % kv_heads:
+            raise ValueError(f"heads={heads}, kv_heads={kv_heads}, intermediate={intermediate} do not shard "
+                             f"over world_size={world_size} (or heads is not a multiple of kv_heads)")
+        self.hidden, self.heads, self.kv_heads, self.world_size, self.eps = hidden, heads, kv_heads, world_size, eps
         self.head_dim = hidden // heads
         local_heads, local_inter = heads // world_size, intermediate // world_size
+        self.local_heads, self.local_kv = local_heads, kv_heads // world_size
         self.input_norm = nn.Parameter(torch.ones(hidden))
         self.post_norm = nn.Parameter(torch.ones(hidden))
-        self.qkv = nn.Parameter(torch.empty(3 * local_heads * self.head_dim, hidden))  # column-parallel
+        qkv_rows = (local_heads + 2 * self.local_kv) * self.head_dim
+        self.qkv = nn.Parameter(torch.empty(qkv_rows, hidden))  # column-parallel
         self.o = nn.Parameter(torch.empty(hidden, local_heads * self.head_dim))  # row-parallel
         self.gate_up = nn.Parameter(torch.empty(2 * local_inter, hidden))  # column-parallel
         self.down = nn.Parameter(torch.empty(hidden, local_inter))  # row-parallel
@@ -58,8 +65,17 @@ class TPDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = _fp8_linear(self.rms_norm(x, self.input_norm), self.qkv).chunk(3, dim=-1)
+        qkv = _fp8_linear(self.rms_norm(x, self.input_norm), self.qkv)
+        if self.local_kv == self.local_heads:
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            kv_width = self.local_kv * self.head_dim
+            q, k, v = qkv.split([self.local_heads * self.head_dim, kv_width, kv_width], dim=-1)
         q, k, v = (t.view(tokens, -1, self.head_dim).transpose(0, 1) for t in (q, k, v))
+        if self.local_kv != self.local_heads:  # repeat each KV head for its query group (HF's repeat_kv)
+            rep = self.local_heads // self.local_kv
+            k, v = (t[:, None].expand(self.local_kv, rep, tokens, self.head_dim)
+                    .reshape(self.local_heads, tokens, self.head_dim) for t in (k, v))
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         attn = attn.transpose(0, 1).reshape(tokens, -1)
         h = x + _all_reduce(_fp8_linear(attn, self.o), self.world_size)
@@ -72,26 +88,32 @@ class TPDecoderLayer(nn.Module):
 
     def shard(self, rank: int, world_size: int) -> "TPDecoderLayer":
         """This layer's weights as rank `rank` of `world_size` holds them."""
-        local = TPDecoderLayer(self.hidden, self.heads, self.gate_up.shape[0] // 2, world_size, self.eps)
+        local = TPDecoderLayer(self.hidden, self.heads, self.gate_up.shape[0] // 2, world_size, self.eps,
+                               self.kv_heads)
         local = local.to(dtype=self.qkv.dtype, device=self.qkv.device)
 
-        def rows(t: torch.Tensor, parts: int) -> torch.Tensor:
-            # A fused weight is `parts` stacked blocks: shard each block by rows.
-            return torch.cat([blk.chunk(world_size, 0)[rank] for blk in t.chunk(parts, 0)], 0)
+        def rows(t: torch.Tensor, parts: int | list[int]) -> torch.Tensor:
+            # A fused weight is stacked blocks (`parts` equal ones, or these heights): shard each by rows.
+            blocks = t.chunk(parts, 0) if isinstance(parts, int) else t.split(parts, 0)
+            return torch.cat([blk.chunk(world_size, 0)[rank] for blk in blocks], 0)
 
         with torch.no_grad():
             local.input_norm.copy_(self.input_norm)
             local.post_norm.copy_(self.post_norm)
-            local.qkv.copy_(rows(self.qkv, 3))
+            q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            local.qkv.copy_(rows(self.qkv, [q_rows, kv_rows, kv_rows]))
             local.o.copy_(self.o.chunk(world_size, 1)[rank])
             local.gate_up.copy_(rows(self.gate_up, 2))
             local.down.copy_(self.down.chunk(world_size, 1)[rank])
         return local
 
 
-def full_layer(hidden: int = 128, heads: int = 4, intermediate: int = 256, seed: int = 0) -> TPDecoderLayer:
+def full_layer(hidden: int = 128, heads: int = 4, intermediate: int = 256, seed: int = 0,
+               kv_heads: int | None = None, device: str | torch.device = "cpu") -> TPDecoderLayer:
+    """The single-process layer with random weights (the same on every rank for one seed and device)."""
     torch.manual_seed(seed)
-    layer = TPDecoderLayer(hidden, heads, intermediate)
+    with torch.device(device):  # initialise where it runs: 8B-sized weights are slow to fill on a CPU
+        layer = TPDecoderLayer(hidden, heads, intermediate, kv_heads=kv_heads)
     with torch.no_grad():
         for p in (layer.qkv, layer.o, layer.gate_up, layer.down):
             p.normal_(0, hidden ** -0.5)
