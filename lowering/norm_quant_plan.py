@@ -110,8 +110,12 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
         # 8 elements (one 128-bit load of bf16) per thread per chunk; at T=64 on an H100 4 warps
         # beat 8 and 16 for every family (norm_quant_tuning.json)
         warps = max(1, min(8, ch * rows // 256))
+    # weight prefetch (loaded before the row's reduction): shortens a row's latency, which is
+    # the cost at small T; at large T it holds registers across the reduction for nothing
+    wpre = t.get("WPRE", size_class(m) == "small" if m is not None else False)
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
-                num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0)
+                num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0,
+                WPRE=int(bool(wpre)))
 
 
 def supports(spec: NormQuantSpec, hidden: int) -> str | None:

@@ -50,7 +50,7 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    _c32, _cvt_out, _div_exact, _finish_h, _group_finish, _ld, _max_nan, _normalize, _quant_store,
+    _c32, _cvt_out, _div_exact, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
     _scale_from_amax, _store_y, _up,
 )
 
@@ -102,6 +102,17 @@ def _ld_rows(x_ptr, r_ptr, rows, M, x_stride, r_stride, H: tl.constexpr, CH: tl.
 
 
 @triton.jit
+def _pre_w(w_ptr, c: tl.constexpr, dflt, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr,
+           GS: tl.constexpr, WST: tl.constexpr, WPRE: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk c of the weight when it is prefetched (WPRE), else a placeholder never read."""
+    if WPRE and WST != 0 and NCH > c:
+        wv = _ld_w(w_ptr, c, H, CH, CG, GS, MASKED)
+    else:
+        wv = dflt
+    return wv
+
+
+@triton.jit
 def _head_chunk(xv, rv, c: tl.constexpr, h_dflt, sq, ro_ptr, orow, rmask3, H: tl.constexpr, CH: tl.constexpr,
                 NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
                 HS_DT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
@@ -119,16 +130,17 @@ def _head_chunk(xv, rv, c: tl.constexpr, h_dflt, sq, ro_ptr, orow, rmask3, H: tl
 
 
 @triton.jit
-def _token_chunk(h, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H: tl.constexpr,
+def _token_chunk(h, wv, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H: tl.constexpr,
                  CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
                  WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr, HS_DT: tl.constexpr,
-                 RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+                 RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, WPRE: tl.constexpr,
+                 INTERP: tl.constexpr):
     """Per-token kinds, chunk c: normalise, fold |y| into the running elementwise amax (one
     block reduction per row, as for the sum of squares), and keep the value to quantize
     once the row's scale is known (in the output dtype in exact mode: half the registers)."""
     if NCH > c:
-        ya, yq = _normalize(_up(h, HS_DT, INTERP), rinv, rsq, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
-                            FAST, MASKED, INTERP)
+        ya, yq = _normalize(_up(h, HS_DT, INTERP), rinv, rsq, w_ptr, wv, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
+                            FAST, MASKED, WPRE, INTERP)
         am = _max_nan(am, tl.abs(ya))
         if RET_Y:
             _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
@@ -155,7 +167,7 @@ def _process(
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
-    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr,
+    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, WPRE: tl.constexpr,
 ):
     """Everything after the raw loads of the rows' chunks x0.. (and residual r0..; unused
     ones are dummies)."""
@@ -167,6 +179,27 @@ def _process(
     # and per-token kinds keep the normalised row in the output dtype (exact mode)
     HS_DT: tl.constexpr = XDT if RES != 2 else 0
     YS_DT: tl.constexpr = 0 if FAST else ODT
+
+    # Loads that do not depend on the row statistic are issued before its block reduction:
+    # after it they would add a memory round trip to every row's latency (the static scale
+    # always, the weight chunks with WPRE: the small-T plans, where latency is the cost).
+    s_static = 0.0
+    rs_static = 0.0
+    if KIND == 0:
+        sv = tl.load(sin_ptr)
+        if SIN_DT == 1 and INTERP:
+            s_static = _up(sv, 1, INTERP)
+        else:
+            s_static = sv.to(tl.float32)
+        rs_static = tl.div_rn(_c32(1.0), s_static)
+    w0 = _pre_w(w_ptr, 0, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w1 = _pre_w(w_ptr, 1, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w2 = _pre_w(w_ptr, 2, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w3 = _pre_w(w_ptr, 3, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w4 = _pre_w(w_ptr, 4, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w5 = _pre_w(w_ptr, 5, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w6 = _pre_w(w_ptr, 6, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w7 = _pre_w(w_ptr, 7, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
 
     # ---- pass 1: the norm input of every chunk, its sum of squares
     h0 = _finish_h(x0, r0, ro_ptr, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
@@ -202,8 +235,8 @@ def _process(
     # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
     # keeps the normalised chunks until the row amax is known
     if KIND == 1 or KIND == 3:
-        ya0, yq0 = _normalize(_up(h0, HS_DT, INTERP), rinv, rsq, w_ptr, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
-                              FAST, MASKED, INTERP)
+        ya0, yq0 = _normalize(_up(h0, HS_DT, INTERP), rinv, rsq, w_ptr, w0, 0, H, CH, CG, GS, INV, WST, WDT, CDT, ODT,
+                              FAST, MASKED, WPRE, INTERP)
         amt = tl.abs(ya0)
         if RET_Y:
             _store_y(ya0, y_ptr, orow, rmask3, 0, H, CH, CG, GS, ODT, MASKED, INTERP)
@@ -211,20 +244,20 @@ def _process(
             yk0 = yq0
         else:
             yk0 = _cvt_out(ya0, ODT, INTERP)
-        yk1, amt = _token_chunk(h1, 1, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk2, amt = _token_chunk(h2, 2, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk3, amt = _token_chunk(h3, 3, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk4, amt = _token_chunk(h4, 4, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk5, amt = _token_chunk(h5, 5, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk6, amt = _token_chunk(h6, 6, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
-        yk7, amt = _token_chunk(h7, 7, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS, INV, WST,
-                                WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, INTERP)
+        yk1, amt = _token_chunk(h1, w1, 1, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk2, amt = _token_chunk(h2, w2, 2, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk3, amt = _token_chunk(h3, w3, 3, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk4, amt = _token_chunk(h4, w4, 4, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk5, amt = _token_chunk(h5, w5, 5, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk6, amt = _token_chunk(h6, w6, 6, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
+        yk7, amt = _token_chunk(h7, w7, 7, yk0, amt, rinv, rsq, w_ptr, y_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                                INV, WST, WDT, CDT, ODT, HS_DT, RET_Y, FAST, MASKED, WPRE, INTERP)
         am = tl.reduce(tl.reduce(amt, 2, _max_nan), 1, _max_nan)
         s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0,
                                  INTERP)
@@ -250,46 +283,37 @@ def _process(
         if NCH > 7:
             _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
     else:
-        s_static = 0.0
-        rs_static = 0.0
-        if KIND == 0:
-            sv = tl.load(sin_ptr)
-            if SIN_DT == 1 and INTERP:
-                s_static = _up(sv, 1, INTERP)
-            else:
-                s_static = sv.to(tl.float32)
-            rs_static = tl.div_rn(_c32(1.0), s_static)
-        _chunk_local(_up(h0, HS_DT, INTERP), 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+        _chunk_local(_up(h0, HS_DT, INTERP), w0, 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                      H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 1:
-            _chunk_local(_up(h1, HS_DT, INTERP), 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h1, HS_DT, INTERP), w1, 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 2:
-            _chunk_local(_up(h2, HS_DT, INTERP), 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h2, HS_DT, INTERP), w2, 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 3:
-            _chunk_local(_up(h3, HS_DT, INTERP), 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h3, HS_DT, INTERP), w3, 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 4:
-            _chunk_local(_up(h4, HS_DT, INTERP), 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h4, HS_DT, INTERP), w4, 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 5:
-            _chunk_local(_up(h5, HS_DT, INTERP), 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h5, HS_DT, INTERP), w5, 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 6:
-            _chunk_local(_up(h6, HS_DT, INTERP), 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h6, HS_DT, INTERP), w6, 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
         if NCH > 7:
-            _chunk_local(_up(h7, HS_DT, INTERP), 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+            _chunk_local(_up(h7, HS_DT, INTERP), w7, 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
 
 
 
@@ -307,7 +331,7 @@ def _rms_norm_quant_kernel(
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
-    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr,
+    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr, WPRE: tl.constexpr,
 ):
     """One program per ROWS rows, or (PERSIST) a persistent loop over rows: the next row's
     raw chunks are loaded before the current one is processed, so every program keeps a
@@ -327,7 +351,7 @@ def _rms_norm_quant_kernel(
             _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP)
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
             x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
             r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
             rows = nrows
@@ -338,11 +362,11 @@ def _rms_norm_quant_kernel(
         _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                  r0, r1, r2, r3, r4, r5, r6, r7,
                  w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP)
+                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
 
 
 @triton.jit
-def _chunk_local(h, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+def _chunk_local(h, wv, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                  H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, INV: tl.constexpr,
                  WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr, ODT: tl.constexpr, KIND: tl.constexpr,
                  G: tl.constexpr, COLMAJ: tl.constexpr, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr,
@@ -350,9 +374,9 @@ def _chunk_local(h, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_
                  SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr,
                  CLO: tl.constexpr,
                  CHI: tl.constexpr, RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 WPRE: tl.constexpr, INTERP: tl.constexpr):
     """Static or per-group quantization of chunk c (needs nothing from the other chunks)."""
-    ya, yq = _normalize(h, rinv, rsq, w_ptr, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, INTERP)
+    ya, yq = _normalize(h, rinv, rsq, w_ptr, wv, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, WPRE, INTERP)
     if KIND == 0:
         _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI, FAST,
                      MASKED, INTERP)
@@ -507,6 +531,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
         CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked, PERSIST=persist,
+        WPRE=bool(cfg["WPRE"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw,
     )
     if info is not None:

@@ -202,12 +202,24 @@ def _finish_h(xv, rv, ro_ptr, orow, rmask, c, H: tl.constexpr, CH: tl.constexpr,
 
 
 @triton.jit
-def _normalize(h, rinv, rsq, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
+def _ld_w(w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr):
+    """Raw chunk c of the weight ([1, CG, GS])."""
+    col = _offs(c, CH, CG, GS)
+    if MASKED:
+        return tl.load(w_ptr + col, mask=col < H, other=0.0)
+    else:
+        return tl.load(w_ptr + col)
+
+
+@triton.jit
+def _normalize(h, rinv, rsq, w_ptr, wv, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
                INV: tl.constexpr, WST: tl.constexpr, WDT: tl.constexpr, CDT: tl.constexpr,
-               ODT: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
+               ODT: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, WPRE: tl.constexpr,
+               INTERP: tl.constexpr):
     """Returns (ya, yq): ya = f32(y) (y rounded to the output dtype: amax, scales and the
     returned normalised tensor use it); yq = the value quantized (ya, or in fast mode the
-    f32 product without the intermediate roundings)."""
+    f32 product without the intermediate roundings). With WPRE, `wv` is chunk c of the
+    weight, loaded before the row's reduction; else the chunk is loaded here."""
     if INV == 2:
         hr = _div_exact(h, rinv, rsq)  # rinv holds sqrt(v) for div_sqrt
     else:
@@ -216,11 +228,10 @@ def _normalize(h, rinv, rsq, w_ptr, c, H: tl.constexpr, CH: tl.constexpr, CG: tl
         ya = _rnd(hr, ODT, INTERP)
         yq = hr
     else:
-        col = _offs(c, CH, CG, GS)
-        if MASKED:
-            w = _up(tl.load(w_ptr + col, mask=col < H, other=0.0), WDT, INTERP)
+        if WPRE:
+            w = _up(wv, WDT, INTERP)
         else:
-            w = _up(tl.load(w_ptr + col), WDT, INTERP)
+            w = _up(_ld_w(w_ptr, c, H, CH, CG, GS, MASKED), WDT, INTERP)
         if WST == 1:
             n = _rnd(hr, CDT, INTERP)
             ya = _rnd(n * w, ODT, INTERP)

@@ -213,7 +213,7 @@ def _interp_worker() -> dict:
             if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
                 continue
             x, w, r, s = grid_inputs(spec, shape)
-            errs = mismatches(launch(spec, x, w, r, s, tuning={"PERSIST": 1, "ROWS": 1}),
+            errs = mismatches(launch(spec, x, w, r, s, tuning={"PERSIST": 1, "ROWS": 1, "WPRE": 0}),
                               reference_cr(spec, x, w, r, s))
             count += 1
             if errs:
