@@ -245,8 +245,11 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
             s, p = row["times"]["stock"]["median_us"], row["times"]["plugin"]["median_us"]
             row["speedup"] = s / p if p > 0 else None
         rows.append(row)
-        if rank == 0:
-            print(_row_line(row), flush=True)
+        print(_row_line(row), flush=True)
+        if args.json:  # what this rank has so far, in case a later token count fails or runs out of time
+            partial = Path(f"{args.json}.rank{rank}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"rank": rank, "rows": rows}, indent=1))
     return {"rank": rank, "device": _device_name(device), "rows": rows}
 
 

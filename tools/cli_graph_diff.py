@@ -7,9 +7,13 @@
 TARGET is path/to/file.py:factory or package.module:factory; the factory returns
 (model_or_fn, example_inputs). Without TARGET the built-in example is compiled.
 BEFORE/AFTER/CODE are output-code files (TORCH_LOGS=output_code logs too) or
-TORCH_COMPILE_DEBUG directories. Config: --compilation-config JSON, -cc.KEY=VALUE.
+TORCH_COMPILE_DEBUG directories. Output code from several ranks (rank0/ rank1/
+directories, `[rankN]:` log prefixes) gives one report per rank; --rank N keeps one.
+Collectives show as their own kind; a collective that disappears, appears or changes
+between BEFORE and AFTER fails the run (exit 1) unless --allow-collective-changes.
+Config: --compilation-config JSON, -cc.KEY=VALUE.
 
-Exit codes: 0 done, 1 an --expect-* check failed, 2 bad input.
+Exit codes: 0 done, 1 an --expect-* check failed or a collective changed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-rewrites", action="append", default=[], metavar="PASS=N",
                         help="exit 1 unless PASS rewrote exactly N constructs (repeatable; live mode)")
     parser.add_argument("--expect-close", action="store_true", help="exit 1 if the outputs differ")
+    parser.add_argument("--rank", metavar="N", default=None,
+                        help="per-rank output code: report rank N only (default: one report per rank)")
+    parser.add_argument("--allow-collective-changes", action="store_true",
+                        help="do not fail (exit 1) when a collective disappears, appears or changes")
     parser.add_argument("--show", action="append", default=[], metavar="KERNEL",
                         help="print the source of the kernels with this name (repeatable; '*noop' = every no-op)")
     parser.add_argument("--verbose", "-v", action="store_true", help="list unchanged kernels of large diffs too")
@@ -132,7 +140,8 @@ def main(args: argparse.Namespace, config) -> int:
     except OSError as exc:
         return _error(f"cannot write {exc.filename}: {exc.strerror}")
     unmet = check_expectations(report, no_noop=args.expect_no_noop, fewer_kernels=args.expect_fewer_kernels,
-                               rewrites=expect_rewrites, close=args.expect_close)
+                               rewrites=expect_rewrites, close=args.expect_close,
+                               collectives_unchanged=not args.allow_collective_changes)
     for line in unmet:
         print(f"fusewright graph-diff: expectation unmet: {line}", file=sys.stderr)
     return 1 if unmet else 0
@@ -142,9 +151,12 @@ def _run(mode: str, args: argparse.Namespace, config, console):
     from .graph_diff import DEFAULT_TARGET, live_diff, load_target, offline_diff, single_report
 
     if mode == "offline":
-        return offline_diff(*args.inputs)
+        return offline_diff(*args.inputs, rank=args.rank)
     if mode == "single":
-        return single_report(args.inputs[0])
+        return single_report(args.inputs[0], rank=args.rank)
+    if args.rank is not None:
+        raise ValueError("--rank reads per-rank output code (BEFORE AFTER or CODE); a live run under torchrun "
+                         "reports its own rank")
     import torch
 
     target = args.inputs[0] if args.inputs else DEFAULT_TARGET

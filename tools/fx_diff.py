@@ -165,3 +165,111 @@ def diff_graphs(before: fx.Graph, after: fx.Graph, graph: int = 0) -> GraphDiff:
 def diff_graph_lists(before: list[fx.Graph], after: list[fx.Graph]) -> list[GraphDiff]:
     """Pair the compiled graphs by index (one compile: same graph breaks on both sides)."""
     return [diff_graphs(b, a, i) for i, (b, a) in enumerate(zip(before, after))]
+
+
+# ----------------------------------------------------------------------------- collectives
+# torch.distributed's functional collectives as they appear in post-grad graphs
+COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
+
+
+def is_collective(node: fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target.namespace in COLLECTIVE_NAMESPACES)
+
+
+def _is_wait(node: fx.Node) -> bool:
+    return is_collective(node) and node.target._opname == "wait_tensor"
+
+
+def _tensor_type(node: Any) -> str | None:
+    """dtype, shape and strides of what a node holds (what a collective sends)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return f"{val.dtype}{list(val.shape)} stride {list(val.stride())}".replace("torch.", "")
+
+
+def collective_fingerprint(graph: fx.Graph) -> dict[str, Any]:
+    """What a graph communicates and how its computation is ordered around the waits.
+
+    * each collective (in graph order): op, non-tensor arguments, the type of each tensor
+      it sends, which earlier waits and which graph inputs its inputs depend on, and
+      what reads its result (only its wait_tensor may: anything else reads before the wait);
+    * each wait: which collective it waits on;
+    * each graph output: which waits it depends on.
+
+    Two graphs with equal fingerprints send the same kinds of values computed from the same
+    inputs, in the same order, and keep every computation on the same side of every wait.
+    Rewrites elsewhere (a fused norm upstream of a matmul that feeds an all-reduce) leave
+    it unchanged: it records dependencies on waits and graph inputs, not the ops between.
+    """
+    waits: dict[fx.Node, int] = {}
+    colls: dict[fx.Node, int] = {}
+    waits_of: dict[fx.Node, frozenset] = {}
+    inputs_of: dict[fx.Node, frozenset] = {}
+    placeholders = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    for node in graph.nodes:
+        deps = [waits_of[i] for i in node.all_input_nodes]
+        w = frozenset().union(*deps)
+        p = frozenset().union(*[inputs_of[i] for i in node.all_input_nodes])
+        if node in placeholders:
+            p = p | {placeholders[node]}
+        if _is_wait(node):
+            waits[node] = len(waits)
+            w = w | {waits[node]}
+        elif is_collective(node):
+            colls[node] = len(colls)
+        waits_of[node], inputs_of[node] = w, p
+    collectives = []
+    for node, i in colls.items():
+        tensors = [a for a in node.all_input_nodes]
+        collectives.append({
+            "op": target_name(node),
+            "args": [repr(a) for a in node.args if not isinstance(a, (fx.Node, list, tuple))]
+            + [f"{k}={v!r}" for k, v in node.kwargs.items() if not isinstance(v, fx.Node)],
+            "sends": [_tensor_type(a) for a in tensors],
+            "after_waits": sorted(set().union(*[waits_of[a] for a in tensors])),
+            "from_inputs": sorted(set().union(*[inputs_of[a] for a in tensors])),
+            "read_by": sorted(target_name(u) for u in node.users),
+        })
+    wait_rows = []
+    for node in waits:
+        src = node.args[0] if node.args else None
+        wait_rows.append({"on": colls.get(src) if isinstance(src, fx.Node) else None})
+    outputs = []
+    for node in graph.nodes:
+        if node.op == "output":
+            for leaf in torch.utils._pytree.tree_leaves(node.args):
+                outputs.append(sorted(waits_of[leaf]) if isinstance(leaf, fx.Node) else None)
+    return {"collectives": collectives, "waits": wait_rows, "outputs": outputs}
+
+
+def collective_changes(before: fx.Graph, after: fx.Graph) -> list[str]:
+    """How a rewrite changed what `before` communicates or moved computation across a wait,
+    one sentence each; [] when it did neither (see `collective_fingerprint`)."""
+    b, a = collective_fingerprint(before), collective_fingerprint(after)
+    problems = []
+    if len(b["collectives"]) != len(a["collectives"]):
+        problems.append(f"collectives {len(b['collectives'])} -> {len(a['collectives'])}: "
+                        f"{[c['op'] for c in b['collectives']]} -> {[c['op'] for c in a['collectives']]}")
+    for i, (cb, ca) in enumerate(zip(b["collectives"], a["collectives"])):
+        what = f"collective #{i} ({cb['op']})"
+        if cb["op"] != ca["op"] or cb["args"] != ca["args"]:
+            problems.append(f"{what}: now {ca['op']}({', '.join(ca['args'])}), was {cb['op']}({', '.join(cb['args'])})")
+        if cb["sends"] != ca["sends"]:
+            problems.append(f"{what}: sends {ca['sends']}, was {cb['sends']}")
+        if cb["after_waits"] != ca["after_waits"]:
+            problems.append(f"{what}: its input depends on waits {ca['after_waits']}, was {cb['after_waits']} "
+                            "(computation moved across a wait_tensor)")
+        if cb["from_inputs"] != ca["from_inputs"]:
+            problems.append(f"{what}: its input is computed from graph inputs {ca['from_inputs']}, was "
+                            f"{cb['from_inputs']} (computation moved across the collective)")
+        if cb["read_by"] != ca["read_by"]:
+            problems.append(f"{what}: its result is read by {ca['read_by']}, was {cb['read_by']}"
+                            + (" (read before its wait_tensor)" if set(ca["read_by"]) - {"_c10d_functional.wait_tensor"}
+                               else ""))
+    if b["waits"] != a["waits"]:
+        problems.append(f"wait_tensors {b['waits']} -> {a['waits']}")
+    if b["outputs"] != a["outputs"]:
+        problems.append(f"which waits each output depends on: {b['outputs']} -> {a['outputs']}")
+    return problems

@@ -17,11 +17,19 @@ the FX graph diff, the pass counts and the numerics, and writes the JSON report 
 top-level keys the design brief fixes: `before`/`after` (`kernel_count`,
 `noop_kernel_count`, `kernels[]` with `name`, `kind`, `is_noop`), `rewrites`,
 `numerics` (`max_abs_diff`, `ok`). Further keys only add to that.
+
+Tensor-parallel code: output code from several ranks (see `output_code.load_output_codes`)
+is diffed rank by rank (kernels are only ever paired within a rank); `before`/`after`
+sum over the ranks and `ranks` holds each rank's own report (`rank=` selects one).
+Collectives are paired on their own, in launch order, and never as removed/added
+kernels when a rewrite leaves them alone; the `collectives` section lists them and
+says, loudly, when one disappeared, appeared or communicates something else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -33,8 +41,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..passes.config import PassConfig
-from .fx_diff import GraphDiff, diff_graph_lists
-from .output_code import Kernel, OutputCode, OutputCodeError, load_output_codes, parse_output_code, summarize
+from .fx_diff import GraphDiff, collective_changes, diff_graph_lists
+from .output_code import (Kernel, OutputCode, OutputCodeError, group_by_rank, load_output_codes, parse_output_code,
+                          rank_sort_key, summarize)
 
 SCHEMA_VERSION = 1
 DEFAULT_TARGET = "fusewright.tools.example:example"
@@ -64,11 +73,17 @@ class Side:
         known = [k.bytes for k in self.kernels if k.bytes is not None]
         return sum(known) if known else None
 
+    @property
+    def ranks(self) -> list[str]:
+        return sorted({c.rank for c in self.codes if c.rank is not None}, key=rank_sort_key)
+
     def summary(self) -> dict[str, Any]:
         out = summarize(self.kernels)
         out["graph_count"] = len(self.codes)
         out["estimated_bytes"] = self.estimated_bytes
         out["sources"] = [c.label for c in self.codes]
+        if self.ranks:
+            out["ranks"] = self.ranks
         return out
 
 
@@ -89,10 +104,37 @@ def _stem(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
+def _collective_key(k: Kernel) -> tuple:
+    c = k.collective or {}
+    return (k.name, tuple(c.get("args", ())), tuple(c.get("tensors", ())))
+
+
+def _pair_collectives(before: list[Kernel], after: list[Kernel]) -> dict[int, tuple[str, int]]:
+    """Collectives of each compiled graph paired in launch order by op (difflib on the op
+    sequence): same op, arguments and tensor shapes -> unchanged, same op otherwise -> changed.
+    Shapes a side cannot state ("?") do not count as a change."""
+    pairs: dict[int, tuple[str, int]] = {}
+    for graph in sorted({k.graph for k in before + after if k.kind == "collective"}):
+        bi = [i for i, k in enumerate(before) if k.kind == "collective" and k.graph == graph]
+        ai = [i for i, k in enumerate(after) if k.kind == "collective" and k.graph == graph]
+        ops = difflib.SequenceMatcher(None, [before[i].name for i in bi], [after[i].name for i in ai], autojunk=False)
+        for block in ops.get_matching_blocks():
+            for j in range(block.size):
+                b, a = before[bi[block.a + j]], after[ai[block.b + j]]
+                kb, ka = _collective_key(b), _collective_key(a)
+                same = kb[:2] == ka[:2] and len(kb[2]) == len(ka[2]) and all(
+                    x == y or x.startswith("?") or y.startswith("?") for x, y in zip(kb[2], ka[2]))
+                pairs[ai[block.b + j]] = ("unchanged" if same else "changed", bi[block.a + j])
+    return pairs
+
+
 def match_kernels(before: list[Kernel], after: list[Kernel]) -> list[KernelMatch]:
-    """Pair kernels by what they compute. Numbered names are never compared as such."""
-    free_b = list(range(len(before)))
-    pairs: dict[int, tuple[str, int]] = {}  # after index -> (status, before index)
+    """Pair kernels by what they compute. Numbered names are never compared as such.
+    Collectives pair only with collectives (`_pair_collectives`); kernels of different
+    ranks never pair (diff rank by rank: `offline_diff`)."""
+    pairs: dict[int, tuple[str, int]] = _pair_collectives(before, after)
+    taken_b = {bi for _, bi in pairs.values()}
+    free_b = [i for i in range(len(before)) if i not in taken_b and before[i].kind != "collective"]
 
     def take(ai: int, pred, status: str) -> None:
         # prefer a kernel of the same compiled graph, then any
@@ -104,12 +146,13 @@ def match_kernels(before: list[Kernel], after: list[Kernel]) -> list[KernelMatch
                     return
 
     for ai in range(len(after)):
-        take(ai, lambda b, a: b.signature and b.signature == a.signature, "unchanged")
+        if ai not in pairs and after[ai].kind != "collective":
+            take(ai, lambda b, a: b.signature and b.signature == a.signature, "unchanged")
     for ai in range(len(after)):
-        if ai not in pairs:
+        if ai not in pairs and after[ai].kind != "collective":
             take(ai, lambda b, a: b.kind == a.kind and _stem(b.name) == _stem(a.name), "changed")
     for ai in range(len(after)):
-        if ai not in pairs:
+        if ai not in pairs and after[ai].kind != "collective":
             def similar(b: Kernel, a: Kernel) -> bool:
                 sb, sa = set(b.ops), set(a.ops)
                 return b.kind == a.kind and bool(sb | sa) and len(sb & sa) / len(sb | sa) >= 0.6
@@ -223,9 +266,38 @@ class GraphDiffReport:
     config: dict[str, Any] | None = None
     # Room for later sections (per-op lowering, per-rank code): extra[name] = JSON-able data.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rank: str | None = None  # the rank this report is about (one rank's code, or a live run in a process group)
+    rank_reports: dict[str | None, "GraphDiffReport"] = dataclasses.field(default_factory=dict)  # per rank
+    fx_collective_problems: list[str] = dataclasses.field(default_factory=list)  # live: fx_diff.collective_changes
 
     def counts(self, status: str) -> int:
         return sum(m.status == status for m in self.kernel_diff)
+
+    def collectives(self) -> dict[str, Any]:
+        """Every collective on both sides, paired, and the problems: one disappeared, one
+        appeared, one communicates something else (op, arguments, tensor shapes), or (live)
+        the FX graph around the collectives changed in a way no rewrite may change it."""
+        rows, problems = [], []
+        if self.after is None:
+            rows = [_collective_row(None, k, "kernel") for k in self.before.kernels if k.kind == "collective"]
+        for m in self.kernel_diff:
+            k = m.after or m.before
+            if k.kind != "collective":
+                continue
+            rows.append(_collective_row(m.before, m.after, m.status))
+            where = (f"rank {k.rank}, " if k.rank is not None else "") + f"graph {k.graph}"
+            if m.status == "removed":
+                problems.append(f"{where}: collective {_describe_collective(m.before)} disappeared")
+            elif m.status == "added":
+                problems.append(f"{where}: collective {_describe_collective(m.after)} appeared")
+            elif m.status == "changed":
+                problems.append(f"{where}: collective changed: {_describe_collective(m.before)} -> "
+                                f"{_describe_collective(m.after)}")
+        problems += self.fx_collective_problems
+        count = lambda side: sum(k.kind == "collective" for k in side.kernels) if side is not None else 0
+        return {"before_count": count(self.before), "after_count": count(self.after),
+                "unchanged": sum(r["status"] == "unchanged" for r in rows), "ok": not problems,
+                "problems": problems, "collectives": rows}
 
     def to_dict(self) -> dict[str, Any]:
         empty = {"kernel_count": 0, "noop_kernel_count": 0, "kernels": []}
@@ -247,8 +319,31 @@ class GraphDiffReport:
             "passes": self.passes,
             "config": self.config,
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            "collectives": self.collectives(),
+            **({"rank": self.rank} if self.rank is not None else {}),
+            **({"ranks": {(r if r is not None else "unknown"): _rank_dict(sub)
+                          for r, sub in self.rank_reports.items()}} if self.rank_reports else {}),
             **self.extra,
         }
+
+
+def _rank_dict(sub: "GraphDiffReport") -> dict[str, Any]:
+    d = sub.to_dict()
+    for key in ("schema_version", "versions", "config", "passes", "target", "device"):
+        d.pop(key, None)
+    return d
+
+
+def _describe_collective(k: Kernel) -> str:
+    c = k.collective or {}
+    args = ", ".join([*c.get("tensors", []), *c.get("args", [])])
+    return f"{k.name}({args})"
+
+
+def _collective_row(before: Kernel | None, after: Kernel | None, status: str) -> dict[str, Any]:
+    k = after or before
+    return {"status": status, "op": k.name, "rank": k.rank, "graph": k.graph,
+            "before": (before.collective if before else None), "after": (after.collective if after else None)}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -359,7 +454,14 @@ def live_diff(fn: Callable, inputs: Sequence[Any], config: PassConfig | None = N
         rewrites=runs[1].report.rewrites(), passes=runs[1].report.to_dict(),
         numerics=compare_outputs(before.outputs, after.outputs, rtol, atol),
         target=target, device=device, config=config.to_dict() if hasattr(config, "to_dict") else None,
+        fx_collective_problems=[f"graph {i}: {p}" for i, (b, a) in enumerate(zip(after.graphs_before,
+                                                                                  after.graphs_after))
+                                for p in collective_changes(b, a)],
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        report.rank = str(torch.distributed.get_rank())  # each rank diffs its own compile
+        for code in before.codes + after.codes:
+            code.set_rank(report.rank)
     return report
 
 
@@ -371,26 +473,82 @@ def _load(path: str) -> list[OutputCode]:
         raise GraphDiffError(str(exc)) from None
 
 
-def offline_diff(before_path: str, after_path: str) -> GraphDiffReport:
-    """Diff two sets of output code: files, TORCH_LOGS logs or debug directories."""
-    before = Side("before", _load(before_path))
-    after = Side("after", _load(after_path))
-    return GraphDiffReport(mode="offline", before=before, after=after,
-                           kernel_diff=match_kernels(before.kernels, after.kernels),
-                           target=f"{before_path} -> {after_path}")
+def _rank_label(rank: str | None) -> str:
+    return "unknown" if rank is None else rank if not rank.isdigit() else f"rank {rank}"
 
 
-def single_report(path: str) -> GraphDiffReport:
-    """One set of output code: its kernels and no-op flags (no diff)."""
-    side = Side("code", _load(path))
-    return GraphDiffReport(mode="single", before=side, after=None, target=path)
+def _select_rank(groups: dict, rank: str | int | None, where: str) -> list[OutputCode] | None:
+    if rank is None:
+        return None
+    ranked = [r for r in groups if r is not None]
+    if not ranked:
+        raise GraphDiffError(f"--rank {rank}: {where} holds no per-rank output code (ranks come from `[rankN]:` "
+                             "log prefixes, rankN path components, or TORCH_COMPILE_DEBUG's rank_N trace logs)")
+    key = str(rank)
+    if key not in groups:
+        raise GraphDiffError(f"--rank {rank}: no such rank in {where}; ranks: {', '.join(map(str, ranked))}")
+    return groups[key]
+
+
+def offline_diff(before_path: str, after_path: str, rank: str | int | None = None) -> GraphDiffReport:
+    """Diff two sets of output code: files, TORCH_LOGS logs or debug directories.
+
+    Per-rank code is diffed rank by rank: one report per rank in `rank_reports`, the
+    sides summed over ranks; `rank` keeps one rank's code only."""
+    target = f"{before_path} -> {after_path}"
+    b_codes, a_codes = _load(before_path), _load(after_path)
+    b_groups, a_groups = group_by_rank(b_codes), group_by_rank(a_codes)
+    if rank is not None:
+        before = Side("before", _select_rank(b_groups, rank, before_path))
+        after = Side("after", _select_rank(a_groups, rank, after_path))
+        return GraphDiffReport(mode="offline", before=before, after=after, rank=str(rank), target=target,
+                               kernel_diff=match_kernels(before.kernels, after.kernels))
+    if set(b_groups) == set(a_groups) == {None}:
+        before, after = Side("before", b_codes), Side("after", a_codes)
+        return GraphDiffReport(mode="offline", before=before, after=after, target=target,
+                               kernel_diff=match_kernels(before.kernels, after.kernels))
+    if set(b_groups) != set(a_groups):
+        labels = lambda g: ", ".join(_rank_label(r) for r in g) or "none"
+        raise GraphDiffError(f"the two sides hold different ranks: BEFORE {labels(b_groups)}; AFTER "
+                             f"{labels(a_groups)} (pick one with --rank N)")
+    subs = {}
+    for r in b_groups:
+        before, after = Side("before", b_groups[r]), Side("after", a_groups[r])
+        subs[r] = GraphDiffReport(mode="offline", before=before, after=after, rank=r, target=target,
+                                  kernel_diff=match_kernels(before.kernels, after.kernels))
+    return GraphDiffReport(mode="offline", before=Side("before", b_codes), after=Side("after", a_codes),
+                           kernel_diff=[m for sub in subs.values() for m in sub.kernel_diff], target=target,
+                           rank_reports=subs)
+
+
+def single_report(path: str, rank: str | int | None = None) -> GraphDiffReport:
+    """One set of output code: its kernels and no-op flags (no diff); per rank where it has ranks."""
+    codes = _load(path)
+    groups = group_by_rank(codes)
+    if rank is not None:
+        return GraphDiffReport(mode="single", before=Side("code", _select_rank(groups, rank, path)), after=None,
+                               target=path, rank=str(rank))
+    subs = {}
+    if set(groups) != {None}:
+        subs = {r: GraphDiffReport(mode="single", before=Side("code", g), after=None, target=path, rank=r)
+                for r, g in groups.items()}
+    return GraphDiffReport(mode="single", before=Side("code", codes), after=None, target=path, rank_reports=subs)
 
 
 # ----------------------------------------------------------------------------- expectations
 def check_expectations(report: GraphDiffReport, *, no_noop: bool = False, fewer_kernels: bool = False,
-                       rewrites: dict[str, int] | None = None, close: bool = False) -> list[str]:
-    """Unmet expectations, each as one sentence naming what was expected and what was found."""
+                       rewrites: dict[str, int] | None = None, close: bool = False,
+                       collectives_unchanged: bool = True) -> list[str]:
+    """Unmet expectations, each as one sentence naming what was expected and what was found.
+    A changed collective is always one (a rewrite must not change what is communicated),
+    unless `collectives_unchanged=False`."""
     unmet = []
+    if collectives_unchanged:
+        problems = report.collectives()["problems"]
+        for problem in problems[:10]:
+            unmet.append(f"collectives changed: {problem}")
+        if len(problems) > 10:
+            unmet.append(f"collectives changed: {len(problems) - 10} more")
     final = report.after or report.before
     if no_noop:
         noops = [k for k in final.kernels if k.is_noop]
@@ -485,7 +643,7 @@ def kernel_graphs(report: GraphDiffReport) -> list[GraphDiff]:
 def _kernel_label(k: Kernel) -> str:
     kind = k.short_kind.replace("persistent", "per").replace("pointwise", "poi").replace("reduction", "red") \
         .replace("template", "tem")
-    what = ", ".join(k.ops[:3]) if k.kind not in ("custom_op", "extern", "aten_fallback") else k.name
+    what = ", ".join(k.ops[:3]) if k.kind not in ("custom_op", "extern", "aten_fallback", "collective") else k.name
     return f"{kind}: {what}" if what else f"{kind}: {k.name}"
 
 

@@ -12,6 +12,17 @@ comment naming the FX source nodes and the aten ops fused into it.
 (one or many graphs), or a directory (every `output_code.py` below it, else every
 output-code module in it). Anything else raises :class:`OutputCodeError` with a
 one-line reason.
+
+Per-rank code (tensor parallel runs) carries its rank in `OutputCode.rank`: from a
+`[rankN]:` prefix on the log lines (torch's logging adds it once a process group
+exists), from a path component naming the rank (`rank0/`, `rank_1`, `..._rank1.py`,
+torchrun's `--log-dir` layout `attempt_0/1/`), or, for `TORCH_COMPILE_DEBUG`'s
+`run_*-pid_N` directories, from the `rank_N` trace logs beside them that record each
+process id; an unknown rank of a pid directory is labelled `pid N`.
+`group_by_rank(codes)` splits a list by rank.
+
+Collectives (`torch.ops._c10d_functional.all_reduce_`, `wait_tensor`, ...) are launches
+of kind `collective`; `Kernel.collective` says what they communicate.
 """
 
 from __future__ import annotations
@@ -45,6 +56,9 @@ class Kernel:
     bytes: int | None = None  # estimated bytes read + written, where buffer shapes are known
     signature: str = ""  # what it computes (kind + body without names): equal signature, same kernel
     graph: int = 0  # index of the compiled graph (several after graph breaks)
+    rank: str | None = None  # tensor-parallel rank whose output code this is ("0", "pid 123"), if known
+    # a collective: {"op", "args" (non-tensor arguments as written), "tensors" (shape:dtype of tensor arguments)}
+    collective: dict[str, Any] | None = None
     noop_stores: int = 0  # stores that only copy (a C++ kernel can mix copy loops with compute)
     stores: int = 0
     # buffers (alias roots in call(): `buf3 = buf2`, reinterpret_tensor views) read and written;
@@ -58,7 +72,8 @@ class Kernel:
             "name": self.name, "kind": self.kind, "is_noop": self.is_noop,
             "noop_reason": self.noop_reason, "movement": self.movement, "ops": self.ops,
             "body_ops": self.body_ops, "source_nodes": self.source_nodes, "bytes": self.bytes,
-            "signature": self.signature, "graph": self.graph,
+            "signature": self.signature, "graph": self.graph, "rank": self.rank,
+            "collective": self.collective,
         }
 
     @property
@@ -75,6 +90,15 @@ class OutputCode:
     label: str = ""  # where it came from: a path, "graph 0"
     inputs: list[str] = dataclasses.field(default_factory=list)  # graph inputs (arg0_1, ...)
     outputs: list[str] = dataclasses.field(default_factory=list)  # alias roots of what call() returns
+    rank: str | None = None  # tensor-parallel rank, where the source says (see the module docstring)
+
+    def set_rank(self, rank: str | None, graph: int | None = None) -> "OutputCode":
+        self.rank = rank
+        for k in self.kernels:
+            k.rank = rank
+            if graph is not None:
+                k.graph = graph
+        return self
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.kernels)
@@ -84,6 +108,7 @@ def summarize(kernels: list[Kernel]) -> dict[str, Any]:
     return {
         "kernel_count": len(kernels),
         "noop_kernel_count": sum(k.is_noop for k in kernels),
+        "collective_count": sum(k.kind == "collective" for k in kernels),
         "kernels": [k.to_dict() for k in kernels],
     }
 
@@ -294,6 +319,11 @@ def _kernel_defs(tree: ast.Module) -> dict[str, _KernelDef]:
 
 
 _NOT_KERNELS = {"_alloc_from_pool", "resize_storage_bytes_", "set_", "record_stream"}
+# namespaces of torch.distributed's ops as Inductor output code calls them
+COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional", "c10d", "_dtensor",
+                         "symm_mem")
+# collectives that write into their (first) tensor argument instead of returning a new buffer
+_IN_PLACE_COLLECTIVES = ("all_reduce_", "all_reduce_coalesced_", "wait_tensor", "broadcast_")
 
 
 def _launch_target(call: ast.Call, defs: dict[str, _KernelDef]) -> tuple[str, str, str] | None:
@@ -306,7 +336,10 @@ def _launch_target(call: ast.Call, defs: dict[str, _KernelDef]) -> tuple[str, st
         return defs[func.id].kind, func.id, "call"
     name = _dotted(func) or ""
     if name.startswith("extern_kernels."):
-        return "extern", name.split(".", 1)[1], "extern"
+        op = name.split(".", 1)[1]
+        if any(ns in op for ns in COLLECTIVE_NAMESPACES) or op.split(".")[0] in _COLLECTIVE_OPS:
+            return "collective", op, "op"  # never an extern matmul: a collective however it is spelled
+        return "extern", op, "extern"
     parts = name.split(".")
     if name.startswith("torch.ops.") and len(parts) >= 4:
         ns, op = parts[2], parts[3]
@@ -320,9 +353,15 @@ def _launch_target(call: ast.Call, defs: dict[str, _KernelDef]) -> tuple[str, st
         return None
     if ns in ("aten", "prims"):
         return "aten_fallback", qual, "op"
-    if ns in ("_c10d_functional", "c10d_functional", "c10d", "_dtensor", "symm_mem"):
+    if ns in COLLECTIVE_NAMESPACES:
         return "collective", qual, "op"
     return "custom_op", qual, "op"
+
+
+_COLLECTIVE_OPS = {"all_reduce", "all_reduce_", "wait_tensor", "reduce_scatter_tensor", "all_gather_into_tensor",
+                   "all_gather_into_tensor_out", "all_to_all_single", "broadcast", "broadcast_",
+                   "all_reduce_coalesced", "all_reduce_coalesced_", "all_gather_into_tensor_coalesced",
+                   "reduce_scatter_tensor_coalesced"}
 
 
 def _call_functions(tree: ast.Module) -> list[ast.FunctionDef]:
@@ -409,6 +448,10 @@ def _dataflow(kernel: Kernel, form: str, call: ast.Call, defs, buffers: _Buffers
     if target is not None:  # `buf0 = torch.ops.ns.op.default(...)`: a new buffer
         buffers.alias[target] = target
         kernel.writes.append(target)
+    if kernel.kind == "collective" and call.args and kernel.ops and kernel.ops[0] in _IN_PLACE_COLLECTIVES:
+        root = buffers.root(call.args[0])  # all_reduce_ and wait_tensor (re)define their buffer
+        if root is not None:
+            kernel.writes.append(root)
     params: list[str] = []
     if form in ("run", "call") and defs[kernel.name].info is not None:
         params = list(defs[kernel.name].info.params)
@@ -470,6 +513,12 @@ def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kerne
             shapes.append(f"{buf.shape}:{buf.dtype}" if buf else "?")
         kernel.signature = hashlib.sha1(f"{kind}\n{name}\n{shapes}".encode()).hexdigest()[:12]
         kernel.bytes = buffers.bytes_of(args + out_kw)
+        if kind == "collective":
+            consts = [ast.unparse(a) for a in args if buffers.of(a) is None and buffers.root(a) is None]
+            consts += [f"{kw.arg}={ast.unparse(kw.value)}" for kw in call.keywords if kw.arg != "out"]
+            tensors = [s for a, s in zip(args + out_kw, shapes) if buffers.of(a) is not None or buffers.root(a)]
+            kernel.collective = {"op": name.split(".")[-1], "args": consts, "tensors": tensors}
+            kernel.signature = hashlib.sha1(f"{kind}\n{name}\n{consts}\n{tensors}".encode()).hexdigest()[:12]
     return kernel
 
 
@@ -480,10 +529,36 @@ def parse_kernels(code: str) -> list[Kernel]:
 
 # ----------------------------------------------------------------------------- loading
 _LOG_PREFIX = re.compile(r"^[VIWEDC]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] (?:\[[^\]]*\] )*")
+# torch's logging puts `[rank0]:` before a record's first line once a process group exists;
+# torchrun --tee puts `[default0]:` (role + local rank) before every line
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:")
+
+
+def split_log_ranks(text: str) -> list[tuple[str | None, str]]:
+    """(rank, module) for each output-code module in a log, ranks in order of first appearance.
+
+    A record's continuation lines carry no prefix: they belong to the rank of the last
+    prefixed line. (Two ranks writing one file interleave whole records, not lines of one.)"""
+    by_rank: dict[str | None, list[str]] = {}
+    rank: str | None = None
+    for raw in text.splitlines():
+        line = raw
+        while True:  # `[default1]:[rank1]:V1122 ...`
+            m = _RANK_PREFIX.match(line)
+            if not m:
+                break
+            rank, line = m.group(1), line[m.end():]
+        by_rank.setdefault(rank, []).append(line)
+    if set(by_rank) == {None}:
+        return [(None, m) for m in split_log(text)]
+    return [(r, m) for r, lines in by_rank.items() for m in split_log("\n".join(lines))]
 
 
 def split_log(text: str) -> list[str]:
-    """The output-code modules in a `TORCH_LOGS=output_code` log, in order."""
+    """The output-code modules in a `TORCH_LOGS=output_code` log, in order (one process's log;
+    `split_log_ranks` separates the ranks of a multi-process log first)."""
+    if any(_RANK_PREFIX.match(line) for line in text.splitlines()[:2000]):
+        return [m for _, m in split_log_ranks(text)]
     modules: list[str] = []
     current: list[str] | None = None
     for raw in text.splitlines():
@@ -507,7 +582,10 @@ def split_log(text: str) -> list[str]:
 
 
 def load_output_codes(path: str | Path) -> list[OutputCode]:
-    """Every compiled graph's output code found at `path` (file, log or directory)."""
+    """Every compiled graph's output code found at `path` (file, log or directory).
+
+    Where the code comes from several ranks, each `OutputCode` has its `rank` and graph
+    indices count per rank."""
     p = Path(path)
     if not p.exists():
         raise OutputCodeError(f"{path}: no such file or directory")
@@ -517,14 +595,92 @@ def load_output_codes(path: str | Path) -> list[OutputCode]:
             files = sorted(f for f in p.rglob("*.py") if _looks_like_output_code(_read(f)))
         if not files:
             raise OutputCodeError(f"{path}: directory holds no Inductor output code (no output_code.py below it)")
-        return [parse_output_code(_read(f), str(f), graph=i) for i, f in enumerate(files)]
+        pids = _pid_ranks(p)
+        codes = [parse_output_code(_read(f), str(f)).set_rank(rank_of_path(f, p, pids)) for f in files]
+        labels = {c.rank for c in codes}
+        if len(labels) == 1 and next(iter(labels), "").startswith("pid "):
+            for c in codes:  # one process's debug directory: not a per-rank run
+                c.set_rank(None)
+        return _number_graphs(codes)
     text = _read(p)
     if re.search(r"Output code:\s*$", text, re.M):  # a log: one or many modules
-        modules = split_log(text)
+        modules = split_log_ranks(text)
         if not modules:
             raise OutputCodeError(f"{path}: log holds no output code (run with TORCH_LOGS=output_code)")
-        return [parse_output_code(m, f"{path}#{i}", graph=i) for i, m in enumerate(modules)]
-    return [parse_output_code(text, str(p))]
+        file_rank = rank_of_path(p, p.parent)
+        codes = [parse_output_code(m, f"{path}#{i}" + (f" rank {r}" if r is not None else "")).set_rank(
+            r if r is not None else file_rank) for i, (r, m) in enumerate(modules)]
+        return _number_graphs(codes)
+    return [parse_output_code(text, str(p)).set_rank(rank_of_path(p, p.parent))]
+
+
+# ----------------------------------------------------------------------------- ranks
+_RANK_IN_NAME = re.compile(r"(?:^|[^a-z0-9])rank[_-]?(\d+)(?![0-9])", re.I)
+_PID_DIR = re.compile(r"-pid_(\d+)$")
+_TRACE_PID = re.compile(r"^[VIWEDC]\d{4} \S+\s+(\d+) ")
+
+
+def rank_of_path(f: Path, root: Path, pids: dict[str, str] | None = None) -> str | None:
+    """The rank a file's path names, below `root` (the directory given) or in the file name."""
+    try:
+        parts = f.resolve().relative_to(root.resolve()).parts
+    except ValueError:
+        parts = (f.name,)
+    for part in reversed(parts):
+        m = _RANK_IN_NAME.search(part)
+        if m:
+            return str(int(m.group(1)))
+    for i, part in enumerate(parts[:-1]):  # torchrun --log-dir: .../attempt_0/<rank>/...
+        if re.fullmatch(r"attempt_\d+", part) and parts[i + 1].isdigit():
+            return str(int(parts[i + 1]))
+    for part in (root.name, *parts):  # TORCH_COMPILE_DEBUG: run_<time>-pid_<pid>
+        m = _PID_DIR.search(part)
+        if m:
+            return (pids or {}).get(m.group(1), f"pid {m.group(1)}")
+    return None
+
+
+def _pid_ranks(root: Path) -> dict[str, str]:
+    """pid -> rank, from the `*rank_N*.log` trace logs TORCH_COMPILE_DEBUG writes beside the
+    `run_*-pid_N` directories (each line of one names the writing process's pid)."""
+    out: dict[str, str] = {}
+    bases = [root, root.parent] if _PID_DIR.search(root.name) else [root]
+    for base in bases:
+        for log in list(base.glob("*rank_*.log")) + list(base.glob("tlparse/*rank_*.log")):
+            m = _RANK_IN_NAME.search(log.name)
+            try:
+                with log.open(errors="replace") as fh:
+                    first = fh.readline()
+            except OSError:
+                continue
+            pid = _TRACE_PID.match(first)
+            if m and pid:
+                out[pid.group(1)] = str(int(m.group(1)))
+    return out
+
+
+def _number_graphs(codes: list[OutputCode]) -> list[OutputCode]:
+    """Graph indices in order, counted per rank (a rank's graphs are its compiles)."""
+    seen: dict[str | None, int] = {}
+    for code in codes:
+        n = seen.get(code.rank, 0)
+        seen[code.rank] = n + 1
+        code.set_rank(code.rank, graph=n)
+    return codes
+
+
+def group_by_rank(codes: list[OutputCode]) -> dict[str | None, list[OutputCode]]:
+    """Codes by rank, ranks in numeric order (then pid labels); None holds code of no known rank."""
+    groups: dict[str | None, list[OutputCode]] = {}
+    for code in codes:
+        groups.setdefault(code.rank, []).append(code)
+    return dict(sorted(groups.items(), key=lambda kv: rank_sort_key(kv[0])))
+
+
+def rank_sort_key(rank: str | None) -> tuple:
+    if rank is None:
+        return (0, 0, "")
+    return (1, int(rank), "") if rank.isdigit() else (2, 0, rank)
 
 
 def _read(p: Path) -> str:

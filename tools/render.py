@@ -35,6 +35,37 @@ def fmt_bytes(n: int | None) -> str:
 
 # ----------------------------------------------------------------------------- terminal
 def print_report(report: GraphDiffReport, console, verbose: bool = False) -> None:
+    """The report's tables; with per-rank code, one report per rank, then the totals."""
+    if report.rank_reports:
+        for rank, sub in report.rank_reports.items():
+            console.rule(f"[bold]rank {rank if rank is not None else '(unknown)'}[/]")
+            _print_one(sub, console, verbose)
+        console.rule("[bold]all ranks[/]")
+        b, a = report.before, report.after
+        console.print(f"{len(report.rank_reports)} ranks; kernels {len(b.kernels)}"
+                      + (f" -> {len(a.kernels)}; removed {report.counts('removed')}, added "
+                         f"{report.counts('added')}, changed {report.counts('changed')}" if a is not None else "")
+                      + f"; no-op kernels {sum(k.is_noop for k in b.kernels)}"
+                      + (f" -> {sum(k.is_noop for k in a.kernels)}" if a is not None else ""))
+        _print_collectives(report, console)
+        return
+    _print_one(report, console, verbose)
+
+
+def _print_collectives(report: GraphDiffReport, console) -> None:
+    """Collectives in one line when untouched; every problem in red when not."""
+    c = report.collectives()
+    if c["problems"]:
+        console.print(f"[bold white on red] COLLECTIVES CHANGED [/] [bold red]{len(c['problems'])} problem(s): a "
+                      "rewrite must not change what is communicated or move computation across a wait_tensor[/]")
+        for problem in c["problems"]:
+            console.print(f"  [red]{problem}[/]")
+    elif c["before_count"] or c["after_count"]:
+        per = "" if report.after is None else f" -> {c['after_count']}, all unchanged"
+        console.print(f"collectives: {c['before_count']}{per}")
+
+
+def _print_one(report: GraphDiffReport, console, verbose: bool = False) -> None:
     from rich.table import Table
 
     if report.mode == "single":
@@ -47,8 +78,10 @@ def print_report(report: GraphDiffReport, console, verbose: bool = False) -> Non
         b = report.before
         console.print(f"{len(b.kernels)} kernel(s) in {len(b.codes)} graph(s); "
                       f"{sum(k.is_noop for k in b.kernels)} no-op; est. {fmt_bytes(b.estimated_bytes)} moved")
+        _print_collectives(report, console)
         return
-    title = "fusewright graph-diff" + (f": {report.target}" if report.target else "")
+    title = "fusewright graph-diff" + (f": {report.target}" if report.target else "") + (
+        f" (rank {report.rank})" if report.rank is not None else "")
     table = Table(title=title, title_justify="left")
     for col in ("", "before", "after", "kind", "fused ops", "no-op", "est. bytes"):
         table.add_column(col, overflow="fold")
@@ -72,6 +105,7 @@ def print_report(report: GraphDiffReport, console, verbose: bool = False) -> Non
         f"est. bytes: {fmt_bytes(b.estimated_bytes)} -> {fmt_bytes(a.estimated_bytes)}; "
         f"removed {report.counts('removed')}, added {report.counts('added')}, "
         f"changed {report.counts('changed')}, unchanged {report.counts('unchanged')}")
+    _print_collectives(report, console)
     if report.mode == "live":
         _print_passes(report, console)
         _print_fx(report, console)
@@ -282,6 +316,16 @@ def render_html(report: GraphDiffReport) -> str:
     if num["ok"] is not None:
         summary += f"; outputs {'agree' if num['ok'] else 'DIFFER'} (max abs diff {num['max_abs_diff']:g})"
     rewrites = ", ".join(f"{esc(k)}={v}" for k, v in d["rewrites"].items()) or "none"
+    coll = d["collectives"]
+    if coll["problems"]:
+        summary += ('<div style="background:#c0392b;color:white;padding:6px 10px;margin:8px 0;font-weight:bold">'
+                    "COLLECTIVES CHANGED: " + "<br>".join(esc(p) for p in coll["problems"]) + "</div>")
+    elif coll["before_count"]:
+        summary += f"; collectives {coll['before_count']} &rarr; {coll['after_count']}, unchanged"
+    if report.rank_reports:
+        summary += "<br>per rank: " + "; ".join(
+            f"rank {esc(str(r))}: kernels {sub.to_dict()['before']['kernel_count']} &rarr; "
+            f"{sub.to_dict()['after']['kernel_count']}" for r, sub in report.rank_reports.items())
     fx_rows = "".join(
         f"<tr><td>{g.graph}</td><td>{esc(r['source'])}</td><td class='rm'>{esc(_count(r['removed']))}</td>"
         f"<td class='add'>{esc(_count(r['added']))}</td></tr>" for g in report.fx for r in g.by_source())
