@@ -54,12 +54,16 @@ VARIANTS = ("stock", "plugin")
 
 
 # ----------------------------------------------------------------------------- kernel roles
+def _body(k) -> set[str]:
+    return {op.split(".")[-1] for op in k.body_ops}  # triton_helpers.max2 -> max2
+
+
 def _is_norm(k) -> bool:
-    return "rsqrt" in k.ops or bool({"rsqrt", "sqrt"} & set(k.body_ops))
+    return "rsqrt" in k.ops or bool({"rsqrt", "sqrt"} & _body(k))
 
 
 def _is_quant(k) -> bool:
-    body = set(k.body_ops)
+    body = _body(k)
     return "amax" in k.ops or ("abs" in body and bool(body & {"max2", "maximum", "max_propagate_nan", "max"}))
 
 
