@@ -198,10 +198,13 @@ def collective_fingerprint(graph: fx.Graph) -> dict[str, Any]:
     * each wait: which collective it waits on;
     * each graph output: which waits it depends on.
 
-    Two graphs with equal fingerprints send the same kinds of values computed from the same
-    inputs, in the same order, and keep every computation on the same side of every wait.
-    Rewrites elsewhere (a fused norm upstream of a matmul that feeds an all-reduce) leave
-    it unchanged: it records dependencies on waits and graph inputs, not the ops between.
+    * each computing node's region: the waits it comes after and the collectives it feeds.
+
+    Two graphs with equal collective entries send the same kinds of values computed from
+    the same inputs, in the same order. Rewrites elsewhere (a fused norm upstream of a
+    matmul that feeds an all-reduce) leave those unchanged: they record dependencies on
+    waits and graph inputs, not the ops between. The regions catch computation that moved
+    across a collective (see `collective_changes`).
     """
     waits: dict[fx.Node, int] = {}
     colls: dict[fx.Node, int] = {}
@@ -220,6 +223,13 @@ def collective_fingerprint(graph: fx.Graph) -> dict[str, Any]:
         elif is_collective(node):
             colls[node] = len(colls)
         waits_of[node], inputs_of[node] = w, p
+    feeds: dict[fx.Node, frozenset] = {}
+    for node in reversed(graph.nodes):
+        f = frozenset().union(*[feeds[u] for u in node.users]) if node.users else frozenset()
+        f |= {colls[u] for u in node.users if u in colls}
+        feeds[node] = f
+    regions = {n.name: (target_name(n), tuple(sorted(waits_of[n])), tuple(sorted(feeds[n])))
+               for n in graph.nodes if n.op == "call_function" and not is_collective(n)}
     collectives = []
     for node, i in colls.items():
         tensors = [a for a in node.all_input_nodes]
@@ -241,7 +251,12 @@ def collective_fingerprint(graph: fx.Graph) -> dict[str, Any]:
         if node.op == "output":
             for leaf in torch.utils._pytree.tree_leaves(node.args):
                 outputs.append(sorted(waits_of[leaf]) if isinstance(leaf, fx.Node) else None)
-    return {"collectives": collectives, "waits": wait_rows, "outputs": outputs}
+    return {"collectives": collectives, "waits": wait_rows, "outputs": outputs, "regions": regions}
+
+
+def _region_text(region: tuple) -> str:
+    _, waits, feeds = region
+    return f"after waits {list(waits)}, feeding collectives {list(feeds)}"
 
 
 def collective_changes(before: fx.Graph, after: fx.Graph) -> list[str]:
@@ -268,6 +283,21 @@ def collective_changes(before: fx.Graph, after: fx.Graph) -> list[str]:
             problems.append(f"{what}: its result is read by {ca['read_by']}, was {cb['read_by']}"
                             + (" (read before its wait_tensor)" if set(ca["read_by"]) - {"_c10d_functional.wait_tensor"}
                                else ""))
+    # Computation stays in its region. A node both graphs hold (same name and op: the pass
+    # manager keeps untouched nodes' names) must keep its region; a node a rewrite added must
+    # land in a region where that rewrite removed computation (a fusion replaces nodes in
+    # place; nothing is created in front of a collective from work that was behind a wait).
+    removed_regions = {r[1:] for name, r in b["regions"].items()
+                       if name not in a["regions"] or a["regions"][name][0] != r[0]}
+    for name, ra in a["regions"].items():
+        rb = b["regions"].get(name)
+        if rb is not None and rb[0] == ra[0]:
+            if rb != ra:
+                problems.append(f"{name} ({ra[0]}) moved: now {_region_text(ra)}, was {_region_text(rb)} "
+                                "(computation moved across a collective)")
+        elif ra[1:] not in removed_regions:
+            problems.append(f"new node {name} ({ra[0]}) {_region_text(ra)}, where the rewrite removed nothing "
+                            "(computation moved across a collective)")
     if b["waits"] != a["waits"]:
         problems.append(f"wait_tensors {b['waits']} -> {a['waits']}")
     if b["outputs"] != a["outputs"]:

@@ -516,7 +516,12 @@ def _make_kernel(kind, name, form, call, defs, buffers, comment, graph) -> Kerne
         if kind == "collective":
             consts = [ast.unparse(a) for a in args if buffers.of(a) is None and buffers.root(a) is None]
             consts += [f"{kw.arg}={ast.unparse(kw.value)}" for kw in call.keywords if kw.arg != "out"]
-            tensors = [s for a, s in zip(args + out_kw, shapes) if buffers.of(a) is not None or buffers.root(a)]
+            tensors = []
+            for a in args + out_kw:
+                buf = buffers.of(a)
+                if buf is not None or buffers.root(a):
+                    shape = "?" if buf is None or buf.shape is None else str(buf.shape)
+                    tensors.append(f"{shape}:{(buf.dtype if buf else None) or '?'}")
             kernel.collective = {"op": name.split(".")[-1], "args": consts, "tensors": tensors}
             kernel.signature = hashlib.sha1(f"{kind}\n{name}\n{consts}\n{tensors}".encode()).hexdigest()[:12]
     return kernel
