@@ -294,13 +294,16 @@ def choice_rows(rows: list[dict], env: dict) -> list[dict]:
 
 
 def write_choice(inputs: list[str], out_path: str) -> int:
-    rows = []
+    by_key: dict = {}  # a shape measured again in a later file replaces the earlier row
     for path in inputs:
         with open(path) as f:
             data = json.load(f)
-        rows += choice_rows(data["rows"], data["environment"])
+        for r in choice_rows(data["rows"], data["environment"]):
+            by_key[(r["device"], r["variant"], r["T"], r["H"])] = r
+    rows = list(by_key.values())
     table = {"about": "rows for `auto` (lowering/norm_quant_choice.py): Triton kernel vs stock Inductor on the "
-                      "unfused graph, same run; written by `fusewright bench norm-quant --write-choice`",
+                      "unfused graph, same run; written by `fusewright bench norm-quant --write-choice` "
+                      "(later input files replace rows of the same device, variant and shape)",
              "rows": rows}
     with open(out_path, "w") as f:
         json.dump(table, f, indent=1)
