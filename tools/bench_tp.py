@@ -174,11 +174,23 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16)
 
 
+def _run_and_get_code(fn: Callable, *args) -> tuple[Any, list[str]]:
+    """`torch._inductor.utils.run_and_get_code` without its `torch._dynamo.reset()`: that
+    reset would drop the other variant's compiled entries and make it compile again."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", lambda code: codes.append(code)):
+        out = fn(*args)
+    return out, list(dict.fromkeys(codes))
+
+
 def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
     """Everything one rank measures; the process group is initialised by the caller."""
     import torch.distributed as dist
     from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
 
     from ..passes.api import inductor_options
     from ..passes.config import PassConfig
@@ -215,9 +227,12 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
         for variant in VARIANTS:
             reset_report()  # the report sums every compile since the last reset: count this T's only
             with inductor_config.patch({"fx_graph_cache": False}), torch.no_grad():
-                out, codes = run_and_get_code(compiled[variant], layer, x)
+                out, codes = _run_and_get_code(compiled[variant], layer, x)
             if variant == "plugin":
-                row["rewrites"] = last_report().rewrites()
+                report = last_report()
+                row["rewrites"] = report.rewrites()
+                # what each rewrite was lowered to, and why (auto's choice, a rule, the config)
+                row["lowered"] = {name: dict(stats.details) for name, stats in report.items() if stats.details}
             kernels = [k for i, code in enumerate(codes)
                        for k in parse_output_code(code, f"{variant} T={T} graph {i}", graph=i).kernels]
             row[f"{variant}_kernels"] = kernel_counts(kernels)
@@ -251,10 +266,14 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
         rows.append(row)
         print(_row_line(row), flush=True)
         if args.json:  # what this rank has so far, in case a later token count fails or runs out of time
-            partial = Path(f"{args.json}.rank{rank}.partial")
+            partial = _partial_path(args.json, rank)
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"rank": rank, "rows": rows}, indent=1))
     return {"rank": rank, "device": _device_name(device), "rows": rows}
+
+
+def _partial_path(json_path: str, rank: int) -> Path:
+    return Path(json_path).with_suffix(f".rank{rank}.partial.json")
 
 
 def _device_name(device: torch.device) -> str:
@@ -278,7 +297,8 @@ def _row_line(r: dict) -> str:
              f" x{r['speedup']:.3f}")
     return (f"rank {r['rank']} {r['phase']:7s} T={r['T']:<5d} gen {sk['generated']:2d}->{pk['generated']:2d}"
             f" noop {len(sk['noop'])}->{len(pk['noop'])} norm+quant fused {sk['norm_quant_fused']}->"
-            f"{pk['norm_quant_fused']} bitwise={r['bitwise_equal']}{t}")
+            f"{pk['norm_quant_fused']} bitwise={r['bitwise_equal']} (max abs {r['max_abs_plugin_vs_stock']:.3g} of "
+            f"{r['reference_absmax']:.3g}; vs 1 process {r['max_abs_vs_single_process']:.3g}){t}")
 
 
 def format_result(result: dict) -> str:
@@ -294,7 +314,8 @@ def format_result(result: dict) -> str:
             lines.append(
                 f"{r['rank']:4d} {r['phase']:7s} {r['T']:<6d} {sk['generated']:3d} -> {pk['generated']:<3d}"
                 f" {len(sk['noop'])} -> {len(pk['noop'])}  {sk['norm']}->{pk['norm']}  {sk['quant']}->{pk['quant']}"
-                f"  {sk['norm_quant_fused']}->{pk['norm_quant_fused']}  {str(r['bitwise_equal']):7s}  {t}")
+                f"  {sk['norm_quant_fused']}->{pk['norm_quant_fused']}  {str(r['bitwise_equal']):7s}  {t}"
+                + ("" if r["bitwise_equal"] else f"  (max abs diff {r['max_abs_plugin_vs_stock']:.3g})"))
     return "\n".join(lines)
 
 
@@ -337,9 +358,14 @@ def bench(args: argparse.Namespace, config=None) -> dict[str, Any] | None:
     import torch.distributed as dist
 
     args = _defaults(args)
+    from ..passes.config import PassConfig
+
+    config = PassConfig.resolve(config)
     mine = run_rank(args, config)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
+    if args.json:
+        _partial_path(args.json, dist.get_rank()).unlink(missing_ok=True)  # the gathered result replaces it
     if dist.get_rank() != 0:
         return None
     ranks = sorted(gathered, key=lambda r: r["rank"])
@@ -356,6 +382,7 @@ def bench(args: argparse.Namespace, config=None) -> dict[str, Any] | None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "reps": args.reps,
         "decode_calls": args.decode_calls,
+        "config": config.to_dict() if hasattr(config, "to_dict") else None,
         "ranks": ranks,
         "summary": {
             "bitwise_equal_everywhere": all(r["bitwise_equal"] for r in rows),
@@ -401,7 +428,10 @@ def _cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusewright.tools.bench_tp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return main(parser.parse_args(argv))
+    from ..passes.config import split_cli_config
+
+    config, rest = split_cli_config(list(sys.argv[1:] if argv is None else argv))  # -cc.KEY=VALUE as elsewhere
+    return main(parser.parse_args(rest), config)
 
 
 if __name__ == "__main__":
