@@ -84,11 +84,15 @@ def _log2(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _exp2(x, INTERP: tl.constexpr):
-    if INTERP:
-        return tl.math.exp2(x)
-    else:
-        return libdevice.exp2(x)
+def _exp2_int(n):
+    """2^n in f32 for an integer-valued f32 n (or +-inf, NaN), built from its bits: exact,
+    as the f64 exp2 of an integer rounded to f32 is (0 below 2^-149, inf above 2^127), and
+    without the f64 library call, which costs as much as the rest of a group's math."""
+    ni = tl.minimum(tl.maximum(n, -150.0), 128.0).to(tl.int32)  # a NaN n is put back below
+    normal = ((ni + 127) << 23).to(tl.float32, bitcast=True)  # ni = 128 gives the inf pattern
+    sub = (1 << tl.maximum(ni + 149, 0)).to(tl.float32, bitcast=True)
+    r = tl.where(ni >= -126, normal, tl.where(ni >= -149, sub, 0.0))
+    return tl.where(n != n, n, r)
 
 
 @triton.jit
@@ -266,9 +270,10 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
             s64 = a64 / _c64(SCONST)
         if HAS_FLOOR and not FLOOR_AMAX:
             s64 = tl.maximum(s64, _c64(FLOOR), propagate_nan=tl.PropagateNan.ALL)
-        if UE8M0:
-            s64 = _exp2(_ceil(_log2(s64, INTERP), INTERP), INTERP)
-        s = s64.to(tl.float32)
+        if UE8M0:  # ceil(log2) in f64; 2^n of an integer n rounded to f32 is _exp2_int's
+            s = _exp2_int(_ceil(_log2(s64, INTERP), INTERP).to(tl.float32))
+        else:
+            s = s64.to(tl.float32)
     else:
         # f32 math; with bf16 math every op result is rounded to bf16 (torch computes bf16
         # ops in f32 and rounds each result)
@@ -287,7 +292,7 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
             # log2 rounded to f32 (computed in f64, rounded once), then to the math dtype;
             # ceil and exp2 of an integer are exact
             lg = _rnd(_log2(s.to(tl.float64), INTERP).to(tl.float32), SMD, INTERP)
-            s = _exp2(_ceil(lg, INTERP).to(tl.float64), INTERP).to(tl.float32)
+            s = _exp2_int(_ceil(lg, INTERP))
     return s
 
 

@@ -28,6 +28,9 @@ from unittest import mock
 import pytest
 import torch
 
+# a global: the jit probe in the interpreter worker resolves it from this module's globals
+from fusewright.lowering.norm_quant_triton_math import _exp2_int
+
 from fusewright.lowering.norm_quant_reference import reference
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec, QuantSpec
 
@@ -241,7 +244,20 @@ def _interp_worker() -> dict:
         "bf16_mismatch": int((ob.view(torch.int16) != probe.to(BF16).view(torch.int16)).sum()),
         "n": n,
     }
-    return {"cases": count, "failures": failures, "raw_conversion": raw}
+    # 2^n built from bits (the ue8m0 scale) against f64 exp2 rounded to f32, every n that matters
+    @triton.jit
+    def _pow2(n_ptr, o_ptr, N, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(o_ptr + o, _exp2_int(tl.load(n_ptr + o, mask=m)), mask=m)
+
+    ns = torch.cat([torch.arange(-300, 301, dtype=torch.float32),
+                    torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    got = torch.empty_like(ns)
+    _pow2[(1,)](ns, got, ns.numel(), BLOCK=triton.next_power_of_2(ns.numel()))
+    want = torch.exp2(ns.double()).float()
+    pow2_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
+    return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad}
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +278,10 @@ def interp_result():
 def test_interpreter_matrix_bitwise(interp_result):
     assert interp_result["cases"] > 150
     assert not interp_result["failures"], json.dumps(interp_result["failures"], indent=1)[:6000]
+
+
+def test_interpreter_exp2_of_integers_is_exact(interp_result):
+    assert interp_result["exp2_int_mismatch"] == 0
 
 
 def test_interpreter_raw_conversions_are_not_rne(interp_result):

@@ -47,6 +47,11 @@ def variants() -> dict[str, NormQuantSpec]:
         "group128": NormQuantSpec(n, g128),
         "group64_col_ue8m0": NormQuantSpec(n, QuantSpec(kind="fp8_per_group", group_size=64, col_major=True,
                                                         ue8m0=True, apply="div", floor=_FLOOR_GROUP)),
+        # the two halves of group64_col_ue8m0, to tell their costs apart
+        "group64_col": NormQuantSpec(n, QuantSpec(kind="fp8_per_group", group_size=64, col_major=True, apply="div",
+                                                  floor=_FLOOR_GROUP)),
+        "group128_ue8m0": NormQuantSpec(n, QuantSpec(kind="fp8_per_group", group_size=128, ue8m0=True, apply="div",
+                                                     floor=_FLOOR_GROUP)),
         "int8_token": NormQuantSpec(n, QuantSpec(kind="int8_per_token", scale_form="const_div", scale_const=127.0,
                                                  apply="mul", clamp_lo=-128.0, clamp_hi=127.0, floor=1e-5,
                                                  floor_on="amax", out_dtype=torch.int8)),
