@@ -4,7 +4,8 @@
 
 0. A *shipped* measurement for the op, when one covers the call on this device (a
    hook per op, :func:`register_shipped`; `rms_norm_quant` consults
-   `norm_quant_choice.shipped_choice_for_call` and its `norm_quant_auto.json`), decides
+   `norm_quant_choice.shipped_choice_for_call` and its `norm_quant_auto.json`, `rope`
+   `rope_lowering.shipped_choice_for_call` and its `rope_auto.json`), decides
    without measuring; the hook applies the same 3% rule.
 1. If measuring is on for the call's device, the times for its shape class come from
    the cache file, or are measured once (by `measure`, by default in a subprocess:
@@ -17,7 +18,8 @@
 2. Otherwise (measuring off, impossible, or every measurement failed) the op's
    documented rule decides: the first supported implementation in
    ``SemanticOp.rule_for(device)`` (``rms_norm``, ``fused_add_rms_norm``: aten, then
-   triton; ``rms_norm_quant``, ``rope``: triton, then aten on CUDA, aten elsewhere),
+   triton; ``rms_norm_quant``: triton, then aten on CUDA, aten elsewhere; ``rope``:
+   aten, triton, none on CUDA, aten, none, triton on CPU, none first elsewhere),
    then any other supported one in registration order.
 
 Measuring is on for CUDA and off elsewhere (CPU CI); ``FUSEWRIGHT_AUTO_MEASURE=0``
@@ -56,20 +58,28 @@ ENV_CACHE_DIR = "FUSEWRIGHT_CACHE_DIR"
 Measurer = Callable[[OpCall, Sequence[Implementation]], dict[str, "float | str"]]
 
 
-# (call, plain device name as torch.cuda.get_device_name gives it) -> (implementation name, why) or None
+# (call, plain device name as torch.cuda.get_device_name gives it[, names of the supported
+# candidates]) -> (implementation name, why) or None
 ShippedHook = Callable[[OpCall, str], "tuple[str, str] | None"]
 _shipped: dict[str, "ShippedHook | str"] = {
     # "module:function", imported when first needed (a missing module is no hook)
     "rms_norm_quant": "fusewright.lowering.norm_quant_choice:shipped_choice_for_call",
+    "rope": "fusewright.lowering.rope_lowering:shipped_choice_for_call",
+    "rms_norm": "fusewright.lowering.rms_norm_ops:shipped_choice_for_call",
+    "fused_add_rms_norm": "fusewright.lowering.rms_norm_ops:shipped_choice_for_call",
 }
 
 
-def register_shipped(op: str, hook: "ShippedHook | str | None") -> None:
-    """Let `hook` answer `auto` for `op` from measurements shipped with the package (None removes it)."""
+def register_shipped(op: str, hook: "ShippedHook | str | None") -> "ShippedHook | str | None":
+    """Let `hook` answer `auto` for `op` from measurements shipped with the package (None removes it).
+
+    Returns the hook it replaces (to put back)."""
+    previous = _shipped.get(op)
     if hook is None:
         _shipped.pop(op, None)
     else:
         _shipped[op] = hook
+    return previous
 
 
 def _shipped_hook(op: str) -> ShippedHook | None:
@@ -84,6 +94,18 @@ def _shipped_hook(op: str) -> ShippedHook | None:
             hook = None
         _shipped[op] = hook
     return hook
+
+
+def _ask(hook: ShippedHook, call: OpCall, device: str, candidates: tuple[str, ...]) -> "tuple[str, str] | None":
+    """Call `hook`; one taking a third argument also gets the supported candidates' names
+    (so it can decline when a candidate, e.g. a user's implementation, was never measured)."""
+    import inspect
+
+    try:
+        takes_candidates = len(inspect.signature(hook).parameters) >= 3
+    except (TypeError, ValueError):
+        takes_candidates = False
+    return hook(call, device, candidates) if takes_candidates else hook(call, device)
 
 
 def plain_device_name(device_type: str) -> str:
@@ -182,11 +204,13 @@ class Tuner:
         hook = _shipped_hook(call.op) if self.shipped else None
         if hook is not None:
             try:
-                answer = hook(call, plain_device_name(call.device_type))
+                answer = _ask(hook, call, plain_device_name(call.device_type), tuple(by_name))
             except Exception:  # noqa: BLE001 - a broken table is no answer
                 answer = None
             if answer is not None and answer[0] in by_name:
-                return by_name[answer[0]], f"shipped measurement: {answer[1]}"
+                # a hook answering from a documented rule says so ("rule ..."); else it cites rows
+                why = answer[1] if answer[1].startswith("rule") else f"shipped measurement: {answer[1]}"
+                return by_name[answer[0]], why
         note = "measuring is off for this device"
         if self.measuring(call.device_type):
             try:

@@ -97,8 +97,14 @@ SEMANTIC_OPS: dict[str, SemanticOp] = {
             "NormQuantSpec (lowering/norm_quant_spec.py); the variant is the spec string",
         ),
         SemanticOp(
-            "rope", ("x", "cos", "sin"), ("interleaved",),
-            "o1 = x1*cos - x2*sin, o2 = x1*sin + x2*cos in f32, rounded once (lowering/rope_ops.py)",
+            "rope", ("x", "cos", "sin"), ("interleaved", "head_dim", "rotation"),
+            "o1 = x1*cos - x2*sin, o2 = x1*sin + x2*cos in f32, rounded once, written into a fresh "
+            "buffer of x's shape (lowering/rope_lowering.py; `none` keeps the model's writeback)",
+            # Measured on an H100 (rope_auto.json): aten fastest at every size, and
+            # decomposable; on CPU aten, then the writeback; a backend nobody measured
+            # keeps the model's spelling.
+            rule=(("cuda", ("aten", "triton", "none")), ("cpu", ("aten", "none", "triton")),
+                  ("default", ("none", "aten", "triton"))),
         ),
     )
 }
@@ -213,7 +219,7 @@ class Implementation:
     build: Build
     supports_fn: Supports | None = None
     version: str = "1"
-    source: str | None = None  # file whose content decides what `build` emits
+    source: str | tuple[str, ...] | None = None  # file(s) whose content decides what `build` emits
 
     def supports(self, call: OpCall) -> str | None:
         """None when this implementation can compute `call`, else the reason it cannot."""
@@ -233,8 +239,8 @@ class Implementation:
 
     def uuid(self) -> str:
         hasher = hashlib.sha256(f"{self.op}:{self.name}:{self.version}:{self.module}".encode())
-        path = self.source or _source_of(self.build)
-        if path:
+        paths = self.source or _source_of(self.build)
+        for path in (paths,) if isinstance(paths, str) else paths or ():
             try:
                 with open(path, "rb") as f:
                     hasher.update(f.read())
@@ -262,7 +268,10 @@ _builtins_loaded = False
 # modules plug in by adding their name here (or by calling `register` at import).
 # Listing them (rather than relying on whoever imports them first) keeps `uuid()` the
 # same in every process.
-BUILTIN_LOWERING_MODULES: tuple[str, ...] = ("fusewright.lowering.rms_norm_aten", "fusewright.lowering.norm_quant_ops")
+BUILTIN_LOWERING_MODULES: tuple[str, ...] = (
+    "fusewright.lowering.rms_norm_aten", "fusewright.lowering.norm_quant_ops", "fusewright.lowering.rope_lowering",
+    "fusewright.lowering.rms_norm_ops",
+)
 
 
 def _load_builtins() -> None:
@@ -284,7 +293,7 @@ def register(
     *,
     supports: Supports | None = None,
     version: str = "1",
-    source: str | None = None,
+    source: str | tuple[str, ...] | None = None,
     replace: bool = False,
 ) -> Implementation:
     """Add implementation `name` of semantic op `op`; returns it.

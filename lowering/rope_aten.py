@@ -65,3 +65,42 @@ def concat_halves(emit: Emit, a: Any, b: Any, *, dim: int, split: int, shape: Se
     a = _prepare(emit, a, dtype, a_meta[0], shape_a, a_meta[1])
     b = _prepare(emit, b, dtype, b_meta[0], shape_b, b_meta[1])
     return emit(aten.cat.default, [a, b], dim)
+
+
+def rotate(emit: Emit, x: Any, cos: Any, sin: Any, *, interleaved: bool, head_dim: int) -> tuple[Any, Any]:
+    """`(x1*cos - x2*sin, x1*sin + x2*cos)` in f32 from the halves of `x` along its last dim.
+
+    The spelling of `lowering/rope_ops.rope_reference`: each operand is upcast to f32,
+    each product rounded once, no rounding to x's dtype until the caller writes back.
+    Used where no model-computed halves exist: measuring an implementation, and
+    implementations built from x, cos and sin.
+    """
+    if interleaved:
+        x1 = emit(aten.slice.Tensor, x, -1, 0, head_dim, 2)
+        x2 = emit(aten.slice.Tensor, x, -1, 1, head_dim, 2)
+    else:
+        x1 = emit(aten.slice.Tensor, x, -1, 0, head_dim // 2)
+        x2 = emit(aten.slice.Tensor, x, -1, head_dim // 2, head_dim)
+    f32 = torch.float32
+    x1, x2, c, s = (emit(prims.convert_element_type.default, t, f32) for t in (x1, x2, cos, sin))
+    first = emit(aten.sub.Tensor, emit(aten.mul.Tensor, x1, c), emit(aten.mul.Tensor, x2, s))
+    second = emit(aten.add.Tensor, emit(aten.mul.Tensor, x1, s), emit(aten.mul.Tensor, x2, c))
+    return first, second
+
+
+def writeback(emit: Emit, a: Any, b: Any, *, strided: bool, dim: int, split: int, shape: Sequence[int],
+              dtype: torch.dtype) -> Any:
+    """The model's own spelling, functionalized: a fresh buffer and two `slice_scatter`s.
+
+    What lowering `none` leaves in the graph; built only to measure it (a pass never
+    rebuilds a writeback it keeps). `a`/`b` must already have the half's shape.
+    """
+    a = emit(prims.convert_element_type.default, a, dtype)
+    b = emit(prims.convert_element_type.default, b, dtype)
+    buf = emit(aten.new_empty.default, a, list(shape))
+    end = shape[dim]
+    if strided:
+        buf = emit(aten.slice_scatter.default, buf, a, dim, 0, end, 2)
+        return emit(aten.slice_scatter.default, buf, b, dim, 1, end, 2)
+    buf = emit(aten.slice_scatter.default, buf, a, dim, 0, split)
+    return emit(aten.slice_scatter.default, buf, b, dim, split, end)

@@ -17,11 +17,6 @@ which is also the numerical definition; the fake impl gives shapes to the compil
 
 from __future__ import annotations
 
-import json
-import os
-from functools import lru_cache
-from typing import Any
-
 import torch
 from torch.library import triton_op, wrap_triton
 
@@ -163,49 +158,3 @@ def run_interpreted(q, k, cos, sin, interleaved: bool, **launch_kwargs):
     rope_triton.launch(kernel, _as4d(q), _as4d(outs[0]), None if k is None else _as4d(k),
                        None if k is None else _as4d(outs[1]), c4, s4, interleaved=interleaved, **launch_kwargs)
     return outs
-
-
-# ------------------------------------------------------------- choosing a lowering
-TABLE_PATH = os.path.join(os.path.dirname(__file__), "rope_auto.json")
-
-
-@lru_cache(maxsize=1)
-def auto_table() -> dict[str, Any]:
-    with open(TABLE_PATH) as f:
-        return json.load(f)
-
-
-def _device_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            return torch.cuda.get_device_name(device)
-        except Exception:
-            return "cuda"
-    return device.type
-
-
-def choose_lowering(device: torch.device, n_elements: int, kernel_ok: bool) -> tuple[str, str]:
-    """`auto`: the lowering for a writeback of `n_elements` (one of q/k) on `device`.
-
-    Returns (choice, why) with choice in "triton", "aten", "none". Measured rows of
-    `rope_auto.json` for this device (by name) decide; a device without rows falls back
-    to its backend's rule in the same file, which cites the measurements behind it.
-    """
-    table = auto_table()
-    key = _device_key(device)
-    rows = table["measured"].get(key)
-    backend = device.type
-    if rows:
-        # the measured shape nearest in size (log scale) decides
-        import math
-
-        def dist(row):
-            return abs(math.log(max(1, row["elements"])) - math.log(max(1, n_elements)))
-
-        row = min(rows, key=dist)
-        choice = row["best"] if kernel_ok else row["best_without_triton"]
-        return choice, f"measured on {key} at {row['elements']} elements (rope_auto.json)"
-    rule = table["rules"].get(backend, table["rules"]["default"])
-    choice = rule["with_kernel"] if kernel_ok else rule["without_kernel"]
-    return choice, f"rule for {backend}: {rule['why']}"
-

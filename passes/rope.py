@@ -19,9 +19,15 @@ After, lowering "triton" (x, cos, sin identified; q and k sharing tables become 
 
     qk = fusewright.rope_qk(xq, xk, cos, sin, True);  out_q = qk[0];  out_k = qk[1]
 
-Step-1 half writebacks become `cat([a, b], dim)` (aten) or the neox kernel. Lowering
-`auto` asks `lowering.rope_ops.choose_lowering` (measured table per device, documented
-rule otherwise); it may also keep the writeback ("none"), recorded as a skip.
+Step-1 half writebacks become `cat([a, b], dim)` (aten) or the neox kernel.
+
+The lowering comes from the lowering registry (semantic op `rope`,
+`lowering/rope_lowering.py`): `-cc.lowering.rope=triton,aten` walks the list, `auto`
+asks the registry's tuner (the shipped H100 measurements in `rope_auto.json`, a
+measurement, or the rule), and user-registered implementations (`registry.register(
+"rope", "vendor", ...)`) are built through the same `emit` as `aten`. Implementation
+`none` keeps the writeback, recorded as a skip. The report's details read
+`strided writeback: rope[interleaved] -> aten (why)` for graph-diff.
 Look-alikes that are not safe to rewrite (buffer read before fully written, partly
 covered, aliased, step 3) are left alone with their reason in the report.
 """
@@ -33,7 +39,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..lowering import rope_aten, rope_ops, rope_triton
+from ..lowering import registry as lowering_registry
+from ..lowering import rope_aten, rope_lowering, rope_ops, rope_triton
 from ..patterns import rope as rope_patterns
 from ..patterns.rope import RopeWriteback, find_rope_writebacks
 from .base import GraphPass, PassContext
@@ -86,11 +93,11 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
 class RewriteRopePass(GraphPass):
     name = "rewrite_rope"
     order = 30
-    extra_source_modules = (rope_patterns, rope_aten, rope_ops, rope_triton)
+    extra_source_modules = (rope_patterns, rope_aten, rope_ops, rope_triton, rope_lowering, lowering_registry)
 
     def source_files(self) -> list[str]:
         # the auto table decides rewrites as much as the code does: it joins the cache key
-        return sorted(set(super().source_files()) | {rope_ops.TABLE_PATH})
+        return sorted(set(super().source_files()) | {rope_lowering.TABLE_PATH})
 
     def run(self, graph: fx.Graph, ctx: PassContext) -> None:
         found, declined = find_rope_writebacks(graph)
@@ -99,68 +106,76 @@ class RewriteRopePass(GraphPass):
         if not found:
             return
         ctx.matched(len(found))
-        fused: list[RopeWriteback] = []
+        fused: list[tuple[RopeWriteback, str]] = []
         for wb in found:
             with ctx.at(wb.out):
-                choice, why = self._choose(wb, ctx)
-                if choice == "triton":
-                    fused.append(wb)
-                elif choice == "aten":
-                    self._lower_aten(graph, wb)
-                    ctx.rewritten(detail=f"aten:{wb.kind}")
+                call = self._op_call(wb, ctx)
+                choice = lowering_registry.choose(call, ctx.config.lowering.priority("rope"))
+                detail = f"{wb.kind} writeback: {choice.detail()}"
+                if choice.impl is None:
+                    ctx.skipped(f"RoPE writeback not rewritten: no rope implementation applies ({choice.reason})",
+                                wb.out)
+                elif choice.impl.name == "none":
+                    ctx.skipped(f"RoPE writeback kept as is: {detail}", wb.out)
+                elif rope_lowering.is_builtin_triton(choice.impl):
+                    fused.append((wb, detail))
                 else:
-                    ctx.skipped(f"RoPE writeback kept as is: {why}", wb.out)
-        for group in self._pair(graph, fused):
+                    self._lower(graph, wb, choice.impl, call)
+                    ctx.rewritten(detail=detail)
+        details = dict(fused)
+        for group in self._pair(graph, [wb for wb, _ in fused]):
             with ctx.at(group[0].out):
                 self._lower_fused(graph, group)
-                ctx.rewritten(len(group), detail=f"triton:{group[0].rotation.layout}")
-                details = ctx.stats.details
-                details["triton:launches"] = details.get("triton:launches", 0) + 1
+                for wb in group:
+                    ctx.rewritten(detail=details[wb])
+                ctx.stats.details["triton:launches"] = ctx.stats.details.get("triton:launches", 0) + 1
 
     # ------------------------------------------------------------ choosing
     @staticmethod
-    def _kernel_problem(wb: RopeWriteback, ctx: PassContext) -> str | None:
+    def _rotation(wb: RopeWriteback, ctx: PassContext) -> str:
+        """Whether a rotation in f32 with one rounding computes what the model does (see rope_lowering)."""
         rot = wb.rotation
         if rot is None:
-            return "x, cos and sin not identified behind the writeback"
+            return "not_identified"
         xval = tensor_meta(rot.x)
         if xval is None or xval.dtype != wb.dtype:
-            return "x dtype differs from the buffer dtype"
+            return "x_dtype_differs"
         if not rot.f32_math and ctx.config.numerics == "exact":
-            return "the model rounds between steps (not f32 math); the kernel needs numerics='fast'"
-        return None
+            return "rounds_between_steps"
+        return "f32"
 
-    def _choose(self, wb: RopeWriteback, ctx: PassContext) -> tuple[str, str]:
-        problem = self._kernel_problem(wb, ctx)
-        val = tensor_meta(wb.buffer)
-        for impl in ctx.config.lowering.priority("rope"):
-            if impl == "auto":
-                numel = 1
-                for s in wb.shape:
-                    numel *= s
-                return rope_ops.choose_lowering(val.device, numel, problem is None)
-            if impl == "triton" and problem is None:
-                return "triton", "requested"
-            if impl == "aten":
-                return "aten", "requested"
-            if impl not in ("triton", "aten"):
-                return "none", f"implementation '{impl}' is not supported by the RoPE pass (only auto, triton, aten)"
-        return "none", f"lowering {','.join(ctx.config.lowering.priority('rope'))} not applicable: {problem}"
+    def _op_call(self, wb: RopeWriteback, ctx: PassContext) -> lowering_registry.OpCall:
+        rot = wb.rotation
+        interleaved = rot.layout == "interleaved" if rot is not None else wb.kind == "strided"
+        if rot is not None:
+            x, cos, sin = tensor_meta(rot.x), tensor_meta(rot.cos), tensor_meta(rot.sin)
+        else:
+            # the buffer has x's shape and dtype: what the shape class and supports() need
+            x, cos, sin = tensor_meta(wb.buffer), None, None
+        return rope_lowering.op_call(x, cos, sin, interleaved=interleaved, rotation=self._rotation(wb, ctx))
 
-    # ------------------------------------------------------------ aten
+    # ------------------------------------------------------------ aten, user implementations
     @staticmethod
-    def _lower_aten(graph: fx.Graph, wb: RopeWriteback) -> None:
+    def _lower(graph: fx.Graph, wb: RopeWriteback, impl, call) -> None:
         def emit(op, *args):
             return insert_call(graph, op, args, like=wb.out)
 
+        rot = wb.rotation
+        tensors = {"first": wb.first, "second": wb.second, "x": None, "cos": None, "sin": None}
+        if rot is not None:
+            tensors.update(x=rot.x, cos=rot.cos, sin=rot.sin)
         metas = [(tensor_meta(n).dtype, tuple(tensor_meta(n).shape)) for n in (wb.first, wb.second)]
+        params = dict(call.params, dim=wb.dim, split=wb.split, shape=wb.shape, dtype=wb.dtype,
+                      first_meta=metas[0], second_meta=metas[1])
         with graph.inserting_before(wb.out):
-            if wb.kind == "strided":
-                new = rope_aten.interleave(emit, wb.first, wb.second, dim=wb.dim, shape=wb.shape,
-                                           dtype=wb.dtype, a_meta=metas[0], b_meta=metas[1])
-            else:
-                new = rope_aten.concat_halves(emit, wb.first, wb.second, dim=wb.dim, split=wb.split,
-                                              shape=wb.shape, dtype=wb.dtype, a_meta=metas[0], b_meta=metas[1])
+            new = impl.build(emit, tensors, params)
+        val = tensor_meta(new) if isinstance(new, fx.Node) else None
+        if val is None or val.dtype != wb.dtype or tuple(val.shape) != tuple(wb.shape):
+            # a user implementation that breaks the contract: the manager restores the graph
+            # and reports this
+            got = "no tensor" if val is None else f"{tuple(val.shape)} {val.dtype}"
+            raise RuntimeError(f"rope implementation {impl.name!r} returned {got}, "
+                               f"expected {tuple(wb.shape)} {wb.dtype}")
         wb.out.replace_all_uses_with(new)
         _erase_dead(graph, reversed(wb.nodes))
 

@@ -34,12 +34,17 @@ def _scale(emit, t, p):
 @pytest.fixture
 def extra_impls():
     """Two extra rms_norm implementations (the math is irrelevant here: only choosing is tested)."""
+    before = registry.implementations("rms_norm")
     made = [registry.register("rms_norm", "triton", _scale, replace=True),
             registry.register("rms_norm", "vendor", _scale, supports=lambda c: c.device_type == "cuda" or "needs CUDA",
                               replace=True)]
     yield made
     for impl in made:
         registry.unregister("rms_norm", impl.name)
+        old = before.get(impl.name)
+        if old is not None:  # the built-in triton implementation
+            registry.register(old.op, old.name, old.build, supports=old.supports_fn, version=old.version,
+                              source=old.source, replace=True)
 
 
 class FakeTimer:
@@ -148,9 +153,24 @@ def test_report_details_can_be_parsed_back(extra_impls):
 
 def test_priority_with_nothing_applicable_says_why():
     call = cuda_call()
-    choice = choose(call, ("triton",))
+    choice = choose(call, ("vendor",))
     assert choice.impl is None and choice.name == "none"
-    assert choice.reason == "triton: not registered for rms_norm"
+    assert choice.reason == "vendor: not registered for rms_norm"
+    cpu = OpCall.make("rms_norm", {"x": TensorInfo((4, 64), torch.bfloat16, "cpu", (64, 1)), "weight": None},
+                      eps=1e-6)
+    choice = choose(cpu, ("triton",))
+    assert choice.impl is None and choice.reason.startswith("triton: the Triton kernel runs on CUDA")
+
+
+def test_builtin_implementations_are_registered_for_every_op():
+    names = {op: registry.implementation_names(op) for op in registry.SEMANTIC_OPS}
+    assert names["rms_norm"] == ("aten", "triton") and names["fused_add_rms_norm"] == ("aten", "triton")
+    assert set(names["rms_norm_quant"]) == {"aten", "triton"}
+    assert set(names["rope"]) == {"none", "aten", "triton"}
+    # the fused rms_norm is chosen on CUDA when configured, and its uuid covers the kernel file
+    assert choose(cuda_call(), ("triton", "aten")).name == "triton"
+    triton_impl = registry.implementations("rms_norm")["triton"]
+    assert any(str(p).endswith("rms_norm_triton.py") for p in triton_impl.source)
 
 
 def test_broken_supports_is_a_reason_not_a_crash():
@@ -241,7 +261,7 @@ def test_shipped_measurements_answer_before_measuring(extra_impls, tmp_path):
         return {4096: ("triton", "row T=4096"), 8192: ("nonexistent", "?")}.get(call.tensor("x").rows)
 
     timer = FakeTimer({"aten": 1e-6, "triton": 2e-6, "vendor": 3e-6})
-    auto.register_shipped("rms_norm", hook)
+    previous = auto.register_shipped("rms_norm", hook)
     try:
         tuner = auto.Tuner(measure=timer, directory=tmp_path)
         choice = choose(cuda_call(rows=4096), ("auto",), tuner=tuner)
@@ -253,7 +273,7 @@ def test_shipped_measurements_answer_before_measuring(extra_impls, tmp_path):
         off = auto.Tuner(measure=timer, directory=tmp_path / "off", shipped=False)
         assert choose(cuda_call(rows=4096), ("auto",), tuner=off).name == "aten"
     finally:
-        auto.register_shipped("rms_norm", None)
+        auto.register_shipped("rms_norm", previous)
 
 
 def test_rule_for_ops_that_prefer_a_fused_kernel_on_cuda():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusewright.lowering import rope_ops, rope_triton
+from fusewright.lowering import registry, rope_lowering, rope_ops, rope_triton
 
 BF16 = torch.bfloat16
 
@@ -124,37 +124,89 @@ def test_reference_interleaved_matches_the_writeback_it_replaces():
 
 
 # ------------------------------------------------------------------ auto
+def _call(elements_per_head=64, heads=2, seq=8, device="cpu", rotation="f32"):
+    from fusewright.lowering.registry import TensorInfo
+
+    x = TensorInfo((1, seq, heads, elements_per_head), BF16, device)
+    t = TensorInfo((1, seq, 1, elements_per_head // 2), torch.float32, device)
+    return rope_lowering.op_call(x, t, t, interleaved=True, rotation=rotation)
+
+
 def test_auto_uses_measured_rows_for_a_known_device(monkeypatch):
     table = {
-        "measured": {"cpu": [
-            {"elements": 1000, "best": "triton", "best_without_triton": "aten"},
-            {"elements": 10**7, "best": "none", "best_without_triton": "none"},
+        "measured": {"Fake GPU": [
+            {"elements": 1000, "us": {"none": 3.0, "aten": 2.0, "triton": 1.0}},
+            {"elements": 10**7, "us": {"none": 1.0, "aten": 1.02, "triton": 2.0}},
         ]},
-        "rules": {"default": {"with_kernel": "aten", "without_kernel": "aten", "why": "x"}},
+        "rules": {},
     }
-    monkeypatch.setattr(rope_ops, "auto_table", lambda: table)
-    cpu = torch.device("cpu")
-    assert rope_ops.choose_lowering(cpu, 2000, True)[0] == "triton"
-    assert rope_ops.choose_lowering(cpu, 2000, False)[0] == "aten"
-    choice, why = rope_ops.choose_lowering(cpu, 5 * 10**6, True)
-    assert choice == "none" and "measured on cpu" in why
+    monkeypatch.setattr(rope_lowering, "load_table", lambda: table)
+    small = _call(elements_per_head=64, heads=2, seq=8, device="cuda")   # 1024 elements
+    assert rope_lowering.shipped_choice_for_call(small, "Fake GPU", ("none", "aten", "triton"))[0] == "triton"
+    # the kernel not supported for this call: the fastest of the others
+    assert rope_lowering.shipped_choice_for_call(small, "Fake GPU", ("none", "aten"))[0] == "aten"
+    big = _call(elements_per_head=128, heads=40, seq=2048, device="cuda")
+    choice, why = rope_lowering.shipped_choice_for_call(big, "Fake GPU", ("none", "aten", "triton"))
+    # within 3% of the fastest, the rule order for CUDA (aten first) decides
+    assert choice == "aten" and "measured on Fake GPU at 10000000 elements" in why
+    # a candidate the table never measured (a user's implementation): no answer, auto measures
+    assert rope_lowering.shipped_choice_for_call(big, "Fake GPU", ("aten", "vendor")) is None
+    assert rope_lowering.shipped_choice_for_call(big, "Other GPU", ("none", "aten")) is None
+
+
+def test_h100_table_keeps_aten_at_every_measured_size():
+    """The shipped H100 rows: aten won every size (the choice the table was written for)."""
+    rows = rope_lowering.load_table()["measured"]["NVIDIA H100 80GB HBM3"]
+    for row in rows:
+        heads, d = row["heads"], row["head_dim"]
+        call = _call(elements_per_head=d, heads=heads, seq=row["seq"], device="cuda")
+        for candidates in (("none", "aten", "triton"), ("none", "aten")):
+            choice, why = rope_lowering.shipped_choice_for_call(call, "NVIDIA H100 80GB HBM3", candidates)
+            assert choice == "aten" and f"at {row['elements']} elements" in why
 
 
 def test_auto_rule_without_measurements_is_documented():
-    table = rope_ops.auto_table()
-    for backend in ("cuda", "cpu", "default"):
+    table = rope_lowering.load_table()
+    for backend in ("cuda", "cpu"):
         rule = table["rules"][backend]
         assert rule["with_kernel"] in ("triton", "aten", "none")
         assert rule["without_kernel"] in ("aten", "none")
         assert rule["why"] and "placeholder" not in rule["why"]
-    # CPU never picks the kernel (it would run the reference math eagerly)
-    choice, why = rope_ops.choose_lowering(torch.device("meta"), 10**6, True)
-    assert choice == table["rules"]["default"]["with_kernel"] and "rule for meta" in why
+    cpu = rope_lowering.shipped_choice_for_call(_call(), "cpu:x86_64:whatever", ("none", "aten", "triton"))
+    assert cpu[0] == "aten" and "rule for cpu (rope_auto.json)" in cpu[1]
+    # a backend nobody measured: no shipped answer; the registry's rule keeps the writeback
+    assert rope_lowering.shipped_choice_for_call(_call(device="meta"), "meta", ("none", "aten", "triton")) is None
+    choice = registry.choose(_call(device="meta"), ("auto",))
+    assert choice.name == "none" and "rule for meta: none,aten,triton" in choice.reason
 
 
-def test_auto_table_is_part_of_the_inductor_cache_key():
+def test_every_builtin_implementation_computes_the_reference_without_model_halves():
+    """What `auto` measures: each implementation built from x, cos and sin alone."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 5, 3, 12, generator=g).to(BF16)
+    cos, sin = torch.randn(1, 5, 1, 6, generator=g), torch.randn(1, 5, 1, 6, generator=g)
+    for interleaved in (True, False):
+        params = dict(rope_lowering.op_call(x, cos, sin, interleaved=interleaved, rotation="f32").params)
+        want = rope_ops.rope_reference(x, cos, sin, interleaved)
+        for name, impl in registry.implementations("rope").items():
+            got = impl.run({"x": x, "cos": cos, "sin": sin}, params)
+            assert torch.equal(got, want), (name, interleaved)
+
+
+def test_triton_supports_says_why_not():
+    impl = registry.implementations("rope")["triton"]
+    assert impl.supports(_call()) is None
+    assert "not identified" in impl.supports(_call(rotation="not_identified"))
+    assert "numerics='fast'" in impl.supports(_call(rotation="rounds_between_steps"))
+    assert registry.implementations("rope")["aten"].supports(_call(rotation="not_identified")) is None
+
+
+def test_auto_table_and_implementations_are_part_of_the_inductor_cache_key():
     from fusewright.passes.rope import PASS
 
     files = PASS.source_files()
-    assert rope_ops.TABLE_PATH in files
+    assert rope_lowering.TABLE_PATH in files
     assert any(f.endswith("patterns/rope.py") for f in files) and any(f.endswith("rope_triton.py") for f in files)
+    assert any(f.endswith("rope_lowering.py") for f in files)
+    # the fused implementation's uuid covers the kernel source, not only the build's module
+    assert any(str(p).endswith("rope_triton.py") for p in registry.implementations("rope")["triton"].source)
