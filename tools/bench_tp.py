@@ -213,6 +213,8 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
     torch._dynamo.reset()
+    if args.deterministic:
+        inductor_config.deterministic = True
     config = PassConfig.resolve(config)
     compiled = {"stock": torch.compile(_step_stock, dynamic=False),
                 "plugin": torch.compile(_step_plugin, dynamic=False, options=inductor_options(config))}
@@ -329,6 +331,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed samples per variant (default 30; cpu 3)")
     parser.add_argument("--decode-calls", type=int, default=20, help="replays per decode sample")
     parser.add_argument("--no-timing", action="store_true", help="kernels and outputs only")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="Inductor's deterministic mode: one reduction config, no on-device autotuning (stock and "
+                             "plugin kernels that autotune apart may sum in different orders)")
     parser.add_argument("--dump-dir", metavar="DIR", help="write each rank's output code under DIR")
     parser.add_argument("--json", metavar="PATH", help="rank 0 writes every rank's result here")
 
@@ -382,6 +387,7 @@ def bench(args: argparse.Namespace, config=None) -> dict[str, Any] | None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "reps": args.reps,
         "decode_calls": args.decode_calls,
+        "inductor_deterministic": bool(args.deterministic),
         "config": config.to_dict() if hasattr(config, "to_dict") else None,
         "ranks": ranks,
         "summary": {
