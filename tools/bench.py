@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "noop-casts": "fusewright.tools.bench_noop_casts",
     "compile": "fusewright.tools.bench_compile",
     "deopaque": "fusewright.tools.bench_deopaque",
+    "models": "fusewright.tools.bench_models",
     "tp": "fusewright.tools.bench_tp",  # run under torchrun: one process per GPU
 }
 

@@ -47,6 +47,37 @@ class Float8RowwiseLinear(nn.Module):
         return nn.functional.linear((q.to(torch.float32) * scale).to(x.dtype), self.weight, self.bias)
 
 
+class Float8RowwiseScaledMMLinear(nn.Module):
+    """Float8RowwiseLinear with FP8 weights (rowwise scales) and, on CUDA, `torch._scaled_mm`.
+
+    The activation quantization is the same torchao spelling (`fp8_rowwise_quantize`); the
+    quantized activation is flattened to 2-D and multiplied with `torch._scaled_mm` and
+    rowwise scales (`scale_a` `[M, 1]`, `scale_b` `[1, N]`, both f32), as torchao's rowwise
+    inference does on Hopper. On CPU, which has no FP8 GEMM, both operands are dequantized
+    and multiplied in f32: the graph in front of the matmul is the same either way.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w_q, w_scale = fp8_rowwise_quantize(linear.weight.detach())
+        self.register_buffer("weight_fp8", w_q)
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1).contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = fp8_rowwise_quantize(x)
+        q2, s2 = q.reshape(-1, q.shape[-1]), scale.reshape(-1, 1)
+        if q2.is_cuda:
+            out = torch._scaled_mm(q2, self.weight_fp8.t(), scale_a=s2, scale_b=self.weight_scale,
+                                   bias=self.bias, out_dtype=x.dtype)
+        else:
+            w = self.weight_fp8.to(torch.float32) * self.weight_scale.t()
+            out = ((q2.to(torch.float32) * s2) @ w.t()).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear under `module` (except names containing a `skip` item)."""
     for name, child in list(module.named_modules()):

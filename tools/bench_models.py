@@ -1,0 +1,673 @@
+"""`fusewright bench models`: whole layers of real model shapes, plugin vs stock torch.compile vs eager.
+
+Workloads (bf16; the layers are plain torch that mirrors the third-party spellings, so the
+GPU machine needs neither transformers nor diffusers):
+
+* `llama`: a Llama-3-8B decoder layer (hidden 4096, 32 heads, 8 KV heads, head_dim 128,
+  MLP 14336, RMSNorm eps 1e-5, rotate-half RoPE), transformers' spelling of the norm,
+  RoPE, GQA `repeat_kv` and SDPA; every linear is `model_zoo.Float8RowwiseScaledMMLinear`
+  (torchao float8 rowwise inference: per-token FP8 quantization of the activation,
+  `torch._scaled_mm` with rowwise scales on CUDA). Prefill T=4096; decode T in 1/16/64,
+  where attention runs over the T new tokens only (causal, no KV cache).
+* `deepseek`: DeepSeek-V3's q path: `q_a_layernorm` (`F.rms_norm` over q_lora_rank 1536,
+  bf16 weight, eps 1e-6) -> group-128 FP8 quantization as DeepSeek's `act_quant` computes
+  it (f32 amax per 128-block floored at 1e-4, scale amax/448, x/scale), spelled in torch
+  with the clamp to +-448 of vLLM's native group quant -> `q_b_proj` (1536 -> 128 x 192)
+  as an opaque custom op (`fwbench_models::fp8_group_gemm`: blockwise `torch._scaled_mm`
+  where this torch build has it, else dequantize + bf16 GEMM). T=4096 and 1/16/64.
+* `wan`: a Wan2.2-14B self-attention block at S=16384 (dim 5120, 40 heads, head_dim 128):
+  q/k/v linears, `torch.nn.RMSNorm` on q and k across heads, diffusers' interleaved RoPE
+  written back through strided slices (`out[..., 0::2] = ...`) with f32 tables, SDPA,
+  output linear.
+
+Variants, in one process on the same inputs: `eager`, `stock` (torch.compile, Inductor
+defaults) and `plugin` (torch.compile with `fusewright.inductor_options(config)`; the
+config comes from `-cc.KEY=VALUE`, lowering `auto` by default). Each variant's call is
+captured in a CUDA graph; the three graphs are replayed interleaved, CUDA events around
+each replay, median of `--reps`. Prefill / S=16k: one call per graph, L2 flushed (256 MB
+written) before each replay. Decode: 20 calls per graph, time per call (the regime a
+decode step runs in under CUDA graphs; host launch overhead is excluded everywhere).
+
+Kernel counts come from Inductor's output code (`fusewright.testing.kernels`): `triton`
+(Inductor's Triton kernels), `extern` (extern calls, aten fallbacks, custom ops: GEMMs,
+SDPA, fusewright's fused ops), and `nqr`, the norm/quant/rope kernels, classified as:
+
+* a fusewright op or kernel (`_rms_norm_quant_kernel`, `_rope_kernel`, `fusewright::*`);
+* an Inductor kernel whose fused ATen ops (the `Original ATen` launch comment, else the
+  kernel name) include any of rsqrt, mean, pow, amax, abs, reciprocal, cat, stack,
+  slice_scatter, or whose body computes rsqrt, sqrt or abs: the ops only RMSNorm, FP8
+  quantization and RoPE bring into these layers (SiLU-mul, residual adds, bias adds,
+  copies and GEMM/SDPA do not count). A kernel that fuses RoPE into a norm counts once.
+
+Kernel time per class: torch.profiler over graph replays (kernel names matched against
+the output code), no L2 flush inside the profile; the cut is 1 - plugin/stock.
+Speedup = stock / plugin (> 1: the plugin is faster).
+
+`--tiny` runs small shapes on CPU (or CUDA): no CUDA graphs, wall-clock medians, kernel
+counts and classification from the output code but no profiler; used by the tests.
+
+    fusewright bench models --json out.json
+    fusewright bench models --tiny --json out.json
+    fusewright bench models --only llama --reps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import model_zoo
+
+HELP = "whole layers (Llama-3-8B FP8, DeepSeek-V3 q path, Wan2.2 attention): plugin vs stock vs eager"
+
+FP8 = model_zoo.FP8
+FP8_MAX = 448.0
+BF16 = torch.bfloat16
+GROUP = 128
+
+
+# ============================================================================ layers
+class LlamaRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm: upcast, normalise, cast back, then the bf16 weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, kvh, s, d = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, None, :, :].expand(b, kvh, n_rep, s, d).reshape(b, kvh * n_rep, s, d)
+
+
+class LlamaLayer(nn.Module):
+    """One Llama decoder layer as transformers writes it, FP8 rowwise linears (torchao spelling)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+        def lin(i, o):
+            layer = nn.Linear(i, o, bias=False)
+            nn.init.normal_(layer.weight, std=0.02)
+            return model_zoo.Float8RowwiseScaledMMLinear(layer)
+
+        self.input_layernorm = LlamaRMSNorm(hidden, eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps)
+        self.q_proj, self.k_proj = lin(hidden, heads * head_dim), lin(hidden, kv_heads * head_dim)
+        self.v_proj, self.o_proj = lin(hidden, kv_heads * head_dim), lin(heads * head_dim, hidden)
+        self.gate_proj, self.up_proj, self.down_proj = lin(hidden, inter), lin(hidden, inter), lin(inter, hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        residual = x
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+        n_rep = self.heads // self.kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.head_dim ** -0.5)
+        a = a.transpose(1, 2).contiguous().reshape(b, s, -1)
+        x = residual + self.o_proj(a)
+        residual = x
+        h = self.post_attention_layernorm(x)
+        h = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return residual + h
+
+
+def llama_rope_tables(tokens: int, head_dim: int, start: int = 0, theta: float = 500000.0):
+    """cos/sin `[1, T, D]` in bf16, as LlamaRotaryEmbedding returns them."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    pos = torch.arange(start, start + tokens, dtype=torch.float32)
+    freqs = torch.outer(pos, inv)
+    emb = torch.cat((freqs, freqs), dim=-1)[None]
+    return emb.cos().to(BF16), emb.sin().to(BF16)
+
+
+# ---------------------------------------------------------------- DeepSeek q path
+_BLOCKWISE_OK: set = set()  # (M, K, N) shapes where blockwise torch._scaled_mm matched the reference
+_BLOCKWISE_FORM: dict = {}  # "form" -> index of the scale layout that worked
+_DEQUANT_W: dict = {}  # weight data_ptr -> bf16 dequantized weight (fallback path)
+
+
+def _dequant_weight(w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    key = (w.data_ptr(), ws.data_ptr(), w.device.type)
+    if key not in _DEQUANT_W:
+        n, k = w.shape
+        full = w.to(torch.float32).view(n // GROUP, GROUP, k // GROUP, GROUP) * ws.view(n // GROUP, 1, k // GROUP, 1)
+        _DEQUANT_W[key] = full.reshape(n, k).to(BF16)
+    return _DEQUANT_W[key]
+
+
+def _blockwise_forms(q, s, w, ws):
+    """Scale layouts to try for blockwise (1x128 activation, 128x128 weight) `_scaled_mm`."""
+    s_col = s.t().contiguous().t()  # the 1x128 scales outer-dim-major
+    return [
+        lambda: torch._scaled_mm(q, w.t(), scale_a=s_col, scale_b=ws.t(), out_dtype=BF16),
+        lambda: torch._scaled_mm(q, w.t(), scale_a=s_col, scale_b=ws, out_dtype=BF16),
+        lambda: torch._scaled_mm(q, w.t(), scale_a=s, scale_b=ws.t(), out_dtype=BF16),
+    ]
+
+
+def _group_gemm_reference(q, s, w, ws):
+    t, k = q.shape
+    a = (q.to(torch.float32).view(t, k // GROUP, GROUP) * s.view(t, k // GROUP, 1)).reshape(t, k).to(BF16)
+    return a @ _dequant_weight(w, ws).t()
+
+
+def _fp8_group_gemm_impl(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    if q.is_cuda and (q.shape[0], q.shape[1], w.shape[0]) in _BLOCKWISE_OK:
+        return _blockwise_forms(q, s, w, ws)[_BLOCKWISE_FORM["form"]]()
+    return _group_gemm_reference(q, s, w, ws)
+
+
+def _define_group_gemm():
+    try:
+        return torch.ops.fwbench_models.fp8_group_gemm.default
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("fwbench_models::fp8_group_gemm", mutates_args=())(_fp8_group_gemm_impl)
+
+    @op.register_fake
+    def _(q, s, w, ws):
+        return q.new_empty((q.shape[0], w.shape[0]), dtype=BF16)
+
+    return torch.ops.fwbench_models.fp8_group_gemm.default
+
+
+fp8_group_gemm = _define_group_gemm()
+
+
+def probe_blockwise(m: int, k: int, n: int, device: str) -> str:
+    """Try blockwise `_scaled_mm` at this shape; record it if it matches the dequantized GEMM."""
+    if device != "cuda":
+        return "dequant"
+    g = torch.Generator(device="cpu").manual_seed(1)
+    q = (torch.randn(m, k, generator=g) * 50).clamp(-448, 448).to(FP8).to(device)
+    s = (torch.rand(m, k // GROUP, generator=g) + 0.5).to(device)
+    w = (torch.randn(n, k, generator=g) * 50).clamp(-448, 448).to(FP8).to(device)
+    ws = (torch.rand(n // GROUP, k // GROUP, generator=g) + 0.5).to(device)
+    ref = _group_gemm_reference(q, s, w, ws).float()
+    _DEQUANT_W.clear()
+    forms = _blockwise_forms(q, s, w, ws)
+    order = [_BLOCKWISE_FORM["form"]] if "form" in _BLOCKWISE_FORM else range(len(forms))
+    for i in order:
+        try:
+            out = forms[i]().float()
+        except Exception:  # not supported by this build / shape: the next layout, or the fallback
+            continue
+        if ((out - ref).norm() / ref.norm()).item() < 1e-2:
+            _BLOCKWISE_FORM["form"] = i
+            _BLOCKWISE_OK.add((m, k, n))
+            return f"blockwise_scaled_mm[{i}]"
+    return "dequant"
+
+
+def deepseek_act_quant(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 `act_quant` math in torch: per 128-block f32 amax (floor 1e-4), s = amax/448, x/s."""
+    t, k = x.shape
+    xf = x.to(torch.float32).view(t, k // group, group)
+    amax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+    s = amax / FP8_MAX
+    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(t, k), s.view(t, k // group)
+
+
+class DeepSeekQPath(nn.Module):
+    """q_a_layernorm -> group-128 FP8 -> q_b_proj (FP8 weight, 128x128 block scales)."""
+
+    def __init__(self, q_lora_rank: int, heads: int, qk_head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.q_a_layernorm = nn.RMSNorm(q_lora_rank, eps=eps)
+        n = heads * qk_head_dim
+        w = torch.randn(n, q_lora_rank) * 0.02
+        blocks = w.view(n // GROUP, GROUP, q_lora_rank // GROUP, GROUP)
+        ws = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4) / FP8_MAX
+        wq = (blocks / ws.view(n // GROUP, 1, q_lora_rank // GROUP, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        self.register_buffer("weight_fp8", wq.reshape(n, q_lora_rank))
+        self.register_buffer("weight_scale", ws.contiguous())
+        self.heads, self.qk_head_dim = heads, qk_head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q_a_layernorm(x)
+        q, s = deepseek_act_quant(h)
+        out = fp8_group_gemm(q, s, self.weight_fp8, self.weight_scale)
+        return out.view(x.shape[0], self.heads, self.qk_head_dim)
+
+
+# ------------------------------------------------------------------------ Wan attention
+def wan_apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
+    """diffusers WanAttnProcessor's apply_rotary_emb, as written there."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class WanSelfAttention(nn.Module):
+    """diffusers WanAttention + WanAttnProcessor (self-attention, native SDPA backend)."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
+        for lin in (self.to_q, self.to_k, self.to_v, self.to_out[0]):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    def forward(self, hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
+        query, key, value = self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states)
+        query, key = self.norm_q(query), self.norm_k(key)
+        query = query.unflatten(2, (self.heads, -1))
+        key = key.unflatten(2, (self.heads, -1))
+        value = value.unflatten(2, (self.heads, -1))
+        query = wan_apply_rotary_emb(query, freqs_cos, freqs_sin)
+        key = wan_apply_rotary_emb(key, freqs_cos, freqs_sin)
+        # diffusers' native attention backend: [B, S, H, D] -> [B, H, S, D] and back
+        out = F.scaled_dot_product_attention(query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3),
+                                             value.permute(0, 2, 1, 3), dropout_p=0.0, is_causal=False)
+        out = out.permute(0, 2, 1, 3).flatten(2, 3).type_as(query)
+        out = self.to_out[0](out)
+        return self.to_out[1](out)
+
+
+def wan_rope_tables(seq: int, head_dim: int, theta: float = 10000.0):
+    """freqs_cos/freqs_sin `[1, S, 1, D]` f32, each frequency repeated twice (WanRotaryPosEmbed)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float64), inv)
+    cos = freqs.cos().repeat_interleave(2, dim=-1).float()
+    sin = freqs.sin().repeat_interleave(2, dim=-1).float()
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+# ============================================================================ workloads
+FULL = {
+    "llama": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, eps=1e-5,
+                  prefill=4096, decode=(1, 16, 64)),
+    "deepseek": dict(q_lora_rank=1536, heads=128, qk_head_dim=192, prefill=4096, decode=(1, 16, 64)),
+    "wan": dict(dim=5120, heads=40, seq=16384),
+}
+TINY = {
+    "llama": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, eps=1e-5, prefill=32, decode=(1,)),
+    "deepseek": dict(q_lora_rank=256, heads=2, qk_head_dim=192, prefill=32, decode=(1,)),
+    "wan": dict(dim=256, heads=2, seq=64),
+}
+
+
+def _bf16_params(module: nn.Module, device: str) -> nn.Module:
+    """Parameters to bf16, buffers kept as they are: `Module.to(bf16)` would also cast the
+    FP8 weights and their f32 scales (FP8 counts as floating point)."""
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.data = p.data.to(BF16)
+    return module
+
+
+def build(name: str, cfg: dict, tokens: int, device: str) -> tuple[Callable, tuple, dict]:
+    """`(fn, inputs, info)` for one workload at one token count, weights seeded."""
+    torch.manual_seed(0)
+    if name == "llama":
+        layer = LlamaLayer(cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["inter"], cfg["eps"])
+        with torch.no_grad():
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.normal_(1.0, 0.1)
+        layer = _bf16_params(layer, device)
+        x = torch.randn(1, tokens, cfg["hidden"], dtype=BF16)
+        cos, sin = llama_rope_tables(tokens, cfg["head_dim"], start=0 if tokens > 64 else 1000)
+        inputs = (x.to(device), cos.to(device), sin.to(device))
+        return layer, inputs, {"shape": f"[1,{tokens},{cfg['hidden']}]", "gemm": "scaled_mm_rowwise" if device == "cuda" else "dequant"}
+    if name == "deepseek":
+        mod = DeepSeekQPath(cfg["q_lora_rank"], cfg["heads"], cfg["qk_head_dim"])
+        with torch.no_grad():
+            mod.q_a_layernorm.weight.normal_(1.0, 0.1)
+        mod = _bf16_params(mod, device)
+        x = torch.randn(tokens, cfg["q_lora_rank"], dtype=BF16).to(device)
+        gemm = probe_blockwise(tokens, cfg["q_lora_rank"], cfg["heads"] * cfg["qk_head_dim"], device)
+        return mod, (x,), {"shape": f"[{tokens},{cfg['q_lora_rank']}]->[{tokens},{cfg['heads']}x{cfg['qk_head_dim']}]",
+                           "gemm": gemm}
+    if name == "wan":
+        mod = WanSelfAttention(cfg["dim"], cfg["heads"])
+        with torch.no_grad():
+            mod.norm_q.weight.normal_(1.0, 0.1)
+            mod.norm_k.weight.normal_(1.0, 0.1)
+        mod = _bf16_params(mod, device)
+        x = torch.randn(1, tokens, cfg["dim"], dtype=BF16)
+        cos, sin = wan_rope_tables(tokens, cfg["dim"] // cfg["heads"])
+        return mod, (x.to(device), cos.to(device), sin.to(device)), {"shape": f"[1,{tokens},{cfg['dim']}]", "gemm": "bf16"}
+    raise ValueError(f"unknown workload {name!r}; available: {', '.join(FULL)}")
+
+
+def cases(table: dict, only: list[str]) -> list[tuple[str, str, int]]:
+    out = []
+    for name in only:
+        cfg = table[name]
+        if name == "wan":
+            out.append((name, "prefill", cfg["seq"]))
+            continue
+        out.append((name, "prefill", cfg["prefill"]))
+        out.extend((name, "decode", t) for t in cfg["decode"])
+    return out
+
+
+# ============================================================================ kernels
+NQR_OPS = frozenset({"rsqrt", "mean", "pow", "amax", "abs", "reciprocal", "cat", "stack", "slice_scatter",
+                     "rms_norm", "_fused_rms_norm"})
+# operations read from a kernel's body: a kernel that fusewright's aten lowering produced
+# is named after whatever nodes Inductor took its origins from, so the name can miss them
+NQR_BODY = frozenset({"rsqrt", "sqrt", "abs"})
+_FUSEWRIGHT_KERNELS = ("_rms_norm_quant_kernel", "_rope_kernel")
+
+
+def is_fusewright(name: str) -> bool:
+    return name.startswith("fusewright") or any(k in name for k in _FUSEWRIGHT_KERNELS)
+
+
+def classify(kernel) -> str:
+    """'nqr' (norm/quant/rope), 'gemm_attn' (extern GEMM / SDPA / custom ops) or 'other'."""
+    if is_fusewright(kernel.name) or any(is_fusewright(op) for op in kernel.ops):
+        return "nqr"
+    if kernel.kind in ("extern", "aten_fallback", "custom_op"):
+        return "gemm_attn"
+    if NQR_OPS & set(kernel.ops) or NQR_BODY & {op.split(".")[-1] for op in kernel.body_ops}:
+        return "nqr"
+    return "other"
+
+
+def kernel_summary(codes: list[str]) -> tuple[dict, dict]:
+    """Counts by class from output code, and kernel name -> class (for the profiler)."""
+    from ..testing import kernels
+
+    ks = kernels(codes)
+    counts = {"total": len(ks), "triton": sum(k.kind.startswith("triton") for k in ks),
+              "extern": sum(k.kind in ("extern", "aten_fallback", "custom_op") for k in ks),
+              "nqr": 0, "other": 0, "gemm_attn": 0}
+    names = {}
+    for k in ks:
+        c = classify(k)
+        counts[c] += 1
+        names[k.name] = c
+    counts["list"] = [f"{k.name} [{classify(k)}]" for k in ks]
+    return counts, names
+
+
+def profile_class_times(replay: Callable, calls: int, names: dict, iters: int = 5) -> dict:
+    """µs per call of GPU kernel time by class, from torch.profiler over `iters` replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .output_code import ops_from_name
+
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            replay()
+        torch.cuda.synchronize()
+    by_class = {"nqr": 0.0, "gemm_attn": 0.0, "other": 0.0}
+    kernels_us: dict = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if not t:
+            continue
+        name = e.key
+        if is_fusewright(name):
+            c = "nqr"
+        elif name in names:
+            c = names[name]
+        elif name.startswith("triton_"):
+            c = "nqr" if NQR_OPS & set(ops_from_name(name)) else "other"
+        else:
+            c = "gemm_attn" if any(s in name.lower() for s in ("gemm", "flash", "fmha", "attention", "sm90", "nvjet",
+                                                               "cutlass", "xmma", "f8f8")) else "other"
+        per_call = t / (iters * calls)
+        by_class[c] += per_call
+        kernels_us[name] = (c, round(per_call, 2))
+    by_class = {k: round(v, 2) for k, v in by_class.items()}
+    by_class["total"] = round(sum(v for k, v in by_class.items()), 2)
+    by_class["kernels"] = {n: {"class": c, "us": us} for n, (c, us) in sorted(kernels_us.items(), key=lambda kv: -kv[1][1])}
+    return by_class
+
+
+# ============================================================================ timing
+class GraphTimer:
+    """Interleaved CUDA-graph replays of several variants, CUDA events, median."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+
+    @staticmethod
+    def capture(fn: Callable, calls: int) -> "torch.cuda.CUDAGraph":
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return g
+
+    def time(self, graphs: dict, calls: int, flush: bool) -> dict:
+        times: dict = {k: [] for k in graphs}
+        for _ in range(self.reps):
+            for name, g in graphs.items():
+                if flush:
+                    self.flush.zero_()
+                torch.cuda._sleep(100_000)  # keep the GPU busy while the host queues the replay
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                times[name].append(a.elapsed_time(b) * 1e3 / calls)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+def wall_time(fns: dict, reps: int) -> dict:
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ============================================================================ one case
+def _compile(fn: Callable, inputs: tuple, options: dict) -> tuple[Callable, Any, list[str], float]:
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    with inductor_config.patch({"fx_graph_cache": False, "fx_graph_remote_cache": False}):
+        compiled = torch.compile(fn, options=options, dynamic=False)
+        with torch.no_grad():
+            out, codes = run_and_get_code(compiled, *inputs)
+    return compiled, out, list(codes), time.perf_counter() - start
+
+
+def _errors(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a, b = a.float(), b.float()
+    return {"max_abs": round((a - b).abs().max().item(), 6),
+            "rel_l2": float(f"{((a - b).norm() / b.norm().clamp(min=1e-30)).item():.3g}")}
+
+
+def run_case(name: str, phase: str, tokens: int, cfg: dict, config, device: str, reps: int,
+             timer: GraphTimer | None) -> dict:
+    import fusewright
+
+    fn, inputs, info = build(name, cfg, tokens, device)
+    row: dict = {"workload": name, "phase": phase, "T": tokens, **info}
+    options = dict(fusewright.inductor_options(config))
+    with torch.no_grad():
+        eager_out = fn(*inputs)
+        stock_fn, stock_out, stock_codes, stock_s = _compile(fn, inputs, {})
+        fusewright.reset_report()
+        plugin_fn, plugin_out, plugin_codes, plugin_s = _compile(fn, inputs, options)
+        report = fusewright.last_report()
+    row["compile_s"] = {"stock": round(stock_s, 2), "plugin": round(plugin_s, 2)}
+    row["rewrites"] = {k: v for k, v in report.rewrites().items() if v}
+    row["skips"] = [f"{p}: {s.reason}" for p, st in report.items() for s in st.skipped][:20]
+    row["errors"] = [f"{p}: {e}" for p, st in report.items() for e in getattr(st, "errors", [])][:10]
+    row["plugin_vs_stock"] = _errors(plugin_out, stock_out)
+    row["stock_vs_eager"] = _errors(stock_out, eager_out)
+    stock_k, stock_names = kernel_summary(stock_codes)
+    plugin_k, plugin_names = kernel_summary(plugin_codes)
+    row["kernels"] = {"stock": stock_k, "plugin": plugin_k}
+
+    variants = {"eager": lambda: fn(*inputs), "stock": lambda: stock_fn(*inputs), "plugin": lambda: plugin_fn(*inputs)}
+    if timer is None:
+        with torch.no_grad():
+            for f in variants.values():
+                f()
+            us = wall_time(variants, reps)
+        row["timer"] = "wall"
+    else:
+        calls = 20 if phase == "decode" else 1
+        with torch.no_grad():
+            graphs = {k: GraphTimer.capture(f, calls) for k, f in variants.items()}
+        us = timer.time(graphs, calls, flush=phase != "decode")
+        row["timer"] = "cuda_graph_x20" if calls > 1 else "cuda_graph_l2_flushed"
+        try:
+            prof = {k: profile_class_times(graphs[k].replay, calls, names)
+                    for k, names in (("stock", stock_names), ("plugin", plugin_names))}
+            row["profile_us"] = prof
+            s_nqr, p_nqr = prof["stock"]["nqr"], prof["plugin"]["nqr"]
+            row["nqr_us"] = {"stock": s_nqr, "plugin": p_nqr}
+            row["nqr_cut_pct"] = round(100.0 * (1 - p_nqr / s_nqr), 1) if s_nqr else None
+        except Exception as exc:  # a profiler failure loses the classification, not the latencies
+            row["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        del graphs
+    row["us"] = {k: round(v, 2) for k, v in us.items()}
+    row["speedup_vs_stock"] = round(us["stock"] / us["plugin"], 3)
+    row["speedup_vs_eager"] = round(us["eager"] / us["plugin"], 3)
+    return row
+
+
+# ============================================================================ CLI
+def environment(device: str) -> dict:
+    env = dict(torch=torch.__version__, device=device,
+               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def format_row(r: dict) -> str:
+    us, k = r["us"], r["kernels"]
+    nqr = r.get("nqr_us")
+    nqr_txt = (f"{nqr['stock']:8.1f} {nqr['plugin']:8.1f} {r['nqr_cut_pct']:6.1f}%" if nqr and r.get("nqr_cut_pct")
+               is not None else f"{'-':>8s} {'-':>8s} {'-':>7s}")
+    kk = f"{k['stock']['total']}/{k['stock']['nqr']} -> {k['plugin']['total']}/{k['plugin']['nqr']}"
+    rw = ",".join(f"{n}={v}" for n, v in r["rewrites"].items()) or "none"
+    return (f"{r['workload']:9s} {r['phase']:8s} {r['T']:6d} {us['eager']:10.1f} {us['stock']:10.1f} "
+            f"{us['plugin']:10.1f} {r['speedup_vs_stock']:7.3f} {nqr_txt} {kk:>16s} "
+            f"{r['plugin_vs_stock']['rel_l2']:9.2g}  {rw}")
+
+
+HEADER = (f"{'workload':9s} {'phase':8s} {'T':>6s} {'eager us':>10s} {'stock us':>10s} {'plugin us':>10s} "
+          f"{'speedup':>7s} {'nqr stk':>8s} {'nqr plg':>8s} {'cut':>7s} {'kern tot/nqr':>16s} {'rel err':>9s}  rewrites")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default="llama,deepseek,wan", help="comma-separated subset of: llama,deepseek,wan")
+    parser.add_argument("--phases", default="prefill,decode", help="comma-separated subset of: prefill,decode")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU unless --device cuda); wall-clock times")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda, cpu with --tiny)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30; 5 with --tiny)")
+    parser.add_argument("--json", metavar="PATH", help="write environment and rows as JSON (after every row)")
+
+
+def main(args: argparse.Namespace, config=None) -> int:
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fusewright bench models: needs a CUDA device (or --tiny for a CPU run)", file=sys.stderr)
+        return 2
+    table = TINY if args.tiny else FULL
+    only = [n for n in args.only.split(",") if n]
+    unknown = [n for n in only if n not in table]
+    if unknown:
+        print(f"unknown workloads {unknown}; available: {', '.join(table)}", file=sys.stderr)
+        return 2
+    phases = set(args.phases.split(","))
+    reps = args.reps or (5 if args.tiny else 30)
+    timer = GraphTimer(reps) if device == "cuda" and not args.tiny else None
+    env = environment(device)
+    env.update(tiny=bool(args.tiny), reps=reps, config=str(config) if config is not None else "default")
+    print(json.dumps(env), flush=True)
+    print(HEADER, flush=True)
+    rows, failures = [], 0
+    for name, phase, tokens in cases(table, only):
+        if phase not in phases:
+            continue
+        try:
+            row = run_case(name, phase, tokens, table[name], config, device, reps, timer)
+        except Exception as exc:  # one failing workload is reported; the others still run
+            import traceback
+
+            traceback.print_exc()
+            row = {"workload": name, "phase": phase, "T": tokens, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            failures += 1
+            print(f"{name:9s} {phase:8s} {tokens:6d} FAILED {row['error']}", flush=True)
+        else:
+            print(format_row(row), flush=True)
+        rows.append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=1)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
