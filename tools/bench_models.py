@@ -371,14 +371,12 @@ def build(name: str, cfg: dict, tokens: int, device: str) -> tuple[Callable, tup
 
 
 def cases(table: dict, only: list[str]) -> list[tuple[str, str, int]]:
-    out = []
-    for name in only:
-        cfg = table[name]
-        if name == "wan":
-            out.append((name, "prefill", cfg["seq"]))
-            continue
-        out.append((name, "prefill", cfg["prefill"]))
-        out.extend((name, "decode", t) for t in cfg["decode"])
+    """Large shapes first, then decode (DeepSeek's compile in seconds, Llama's last), so a
+    run cut off by a time limit keeps the headline rows (the JSON is written per row)."""
+    out = [(n, "prefill", table[n]["seq"] if n == "wan" else table[n]["prefill"]) for n in only]
+    for name in ("deepseek", "llama"):
+        if name in only:
+            out.extend((name, "decode", t) for t in table[name]["decode"])
     return out
 
 
@@ -424,7 +422,8 @@ def kernel_summary(codes: list[str]) -> tuple[dict, dict]:
 
 
 def profile_class_times(replay: Callable, calls: int, names: dict, iters: int = 5) -> dict:
-    """µs per call of GPU kernel time by class, from torch.profiler over `iters` replays."""
+    """µs per call of GPU kernel time by class, from torch.profiler over `iters` calls of `replay`
+    (each making `calls` calls of the workload)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .output_code import ops_from_name
@@ -437,13 +436,16 @@ def profile_class_times(replay: Callable, calls: int, names: dict, iters: int = 
         torch.cuda.synchronize()
     by_class = {"nqr": 0.0, "gemm_attn": 0.0, "other": 0.0}
     kernels_us: dict = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        if not t:
+    totals: dict = {}
+    # kernel events only: key_averages() would also give the CPU op that launched a kernel
+    # (aten::mm) the kernel's time, and GPU user annotations span whole graphs
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
             continue
-        name = e.key
+        if e.name.startswith("##") or "CompiledFxGraph" in e.name:
+            continue
+        totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us()
+    for name, t in totals.items():
         if is_fusewright(name):
             c = "nqr"
         elif name in names:
@@ -540,45 +542,57 @@ def run_case(name: str, phase: str, tokens: int, cfg: dict, config, device: str,
     fn, inputs, info = build(name, cfg, tokens, device)
     row: dict = {"workload": name, "phase": phase, "T": tokens, **info}
     options = dict(fusewright.inductor_options(config))
+    cuda_timing = timer is not None
+    calls = 20 if phase == "decode" and cuda_timing else 1
+    graphs: dict = {}
+    prof: dict = {}
+    wall: dict = {}
+
+    def capture_and_profile(variant: str, f: Callable, names: dict | None) -> None:
+        # right after the variant's compile: Dynamo is reset before the next one, after
+        # which calling `f` again would compile again
+        if not cuda_timing:
+            f()  # warm-up
+            wall[variant] = wall_time({variant: f}, reps)[variant]
+            return
+        graphs[variant] = GraphTimer.capture(f, calls)
+        if names is not None:
+            try:
+                prof[variant] = profile_class_times(f, 1, names)
+            except Exception as exc:  # a profiler failure loses the classification, not the latencies
+                row["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
     with torch.no_grad():
         eager_out = fn(*inputs)
+        capture_and_profile("eager", lambda: fn(*inputs), None)
         stock_fn, stock_out, stock_codes, stock_s = _compile(fn, inputs, {})
+        stock_k, stock_names = kernel_summary(stock_codes)
+        capture_and_profile("stock", lambda: stock_fn(*inputs), stock_names)
         fusewright.reset_report()
         plugin_fn, plugin_out, plugin_codes, plugin_s = _compile(fn, inputs, options)
         report = fusewright.last_report()
+        plugin_k, plugin_names = kernel_summary(plugin_codes)
+        capture_and_profile("plugin", lambda: plugin_fn(*inputs), plugin_names)
     row["compile_s"] = {"stock": round(stock_s, 2), "plugin": round(plugin_s, 2)}
     row["rewrites"] = {k: v for k, v in report.rewrites().items() if v}
     row["skips"] = [f"{p}: {s.reason}" for p, st in report.items() for s in st.skipped][:20]
     row["errors"] = [f"{p}: {e}" for p, st in report.items() for e in getattr(st, "errors", [])][:10]
     row["plugin_vs_stock"] = _errors(plugin_out, stock_out)
     row["stock_vs_eager"] = _errors(stock_out, eager_out)
-    stock_k, stock_names = kernel_summary(stock_codes)
-    plugin_k, plugin_names = kernel_summary(plugin_codes)
     row["kernels"] = {"stock": stock_k, "plugin": plugin_k}
 
-    variants = {"eager": lambda: fn(*inputs), "stock": lambda: stock_fn(*inputs), "plugin": lambda: plugin_fn(*inputs)}
-    if timer is None:
-        with torch.no_grad():
-            for f in variants.values():
-                f()
-            us = wall_time(variants, reps)
+    if not cuda_timing:  # wall-clock medians, each variant right after its compile
+        us = wall
         row["timer"] = "wall"
     else:
-        calls = 20 if phase == "decode" else 1
-        with torch.no_grad():
-            graphs = {k: GraphTimer.capture(f, calls) for k, f in variants.items()}
         us = timer.time(graphs, calls, flush=phase != "decode")
         row["timer"] = "cuda_graph_x20" if calls > 1 else "cuda_graph_l2_flushed"
-        try:
-            prof = {k: profile_class_times(graphs[k].replay, calls, names)
-                    for k, names in (("stock", stock_names), ("plugin", plugin_names))}
+        if "stock" in prof and "plugin" in prof:
             row["profile_us"] = prof
             s_nqr, p_nqr = prof["stock"]["nqr"], prof["plugin"]["nqr"]
             row["nqr_us"] = {"stock": s_nqr, "plugin": p_nqr}
             row["nqr_cut_pct"] = round(100.0 * (1 - p_nqr / s_nqr), 1) if s_nqr else None
-        except Exception as exc:  # a profiler failure loses the classification, not the latencies
-            row["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        del graphs
+        graphs.clear()
     row["us"] = {k: round(v, 2) for k, v in us.items()}
     row["speedup_vs_stock"] = round(us["stock"] / us["plugin"], 3)
     row["speedup_vs_eager"] = round(us["eager"] / us["plugin"], 3)
