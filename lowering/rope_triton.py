@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -36,8 +35,7 @@ def _rope_kernel(
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2,
     c_s0, c_s1, c_s2, c_s3, s_s0, s_s1, s_s2, s_s3,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    INTERLEAVED: tl.constexpr, TABLE_PER_HEAD: tl.constexpr, PAIRS: tl.constexpr = False,
-    F16: tl.constexpr = False,
+    INTERLEAVED: tl.constexpr, TABLE_PER_HEAD: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -81,24 +79,7 @@ def _rope_kernel(
 
     x_row = (b * xs0 + s * xs1)[:, None, None] + (h64 * xs2)[None, :, None]
     o_row = (tok64[:, None, None] * H + h64[None, :, None]) * (2 * HALF)
-    if INTERLEAVED and PAIRS:
-        # A 16-bit pair (x1, x2) is one 32-bit word: load words, split them with shifts in
-        # registers, store words. Every step is elementwise on a [BLOCK_T, BLOCK_H,
-        # BLOCK_HALF] tile, so no register shuffle between threads is needed (the split/join
-        # of the other path may move data through shared memory). Little-endian: x1, the
-        # even element, is the low half. The launch checks that offsets and strides are even.
-        XDT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
-        xw = x_ptr.to(tl.pointer_type(tl.int32))
-        ow = o_ptr.to(tl.pointer_type(tl.int32))
-        v = tl.load(xw + x_row // 2 + cols[None, None, :], mask=mask, other=0)
-        x1 = v.to(tl.int16).to(XDT, bitcast=True).to(tl.float32)
-        x2 = (v >> 16).to(tl.int16).to(XDT, bitcast=True).to(tl.float32)
-        o1 = x1 * cos - x2 * sin
-        o2 = x1 * sin + x2 * cos
-        w1 = o1.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        w2 = o2.to(XDT).to(tl.int16, bitcast=True).to(tl.int32) << 16
-        tl.store(ow + o_row // 2 + cols[None, None, :], w1 | w2, mask=mask)
-    elif INTERLEAVED:
+    if INTERLEAVED:
         full = tl.arange(0, 2 * BLOCK_HALF)
         fmask = row_mask & (full < 2 * HALF)[None, None, :]
         x = tl.load(x_ptr + x_row + full[None, None, :], mask=fmask, other=0.0).to(tl.float32)
@@ -157,29 +138,13 @@ def launch_config(n_tok: int, hq: int, hk: int, half: int,
                 grid=(triton.cdiv(n_tok, block_t), nqb + nkb))
 
 
-def pairs_ok(*tensors) -> bool:
-    """Whether the interleaved pairs of these 16-bit tensors can be moved as 32-bit words:
-    bf16/f16, unit stride on the last dim, and an even element offset and outer strides
-    (so every pair is 4-byte aligned)."""
-    for t in tensors:
-        if t.dtype not in (torch.bfloat16, torch.float16) or t.dtype != tensors[0].dtype:
-            return False
-        if t.stride(-1) != 1 or t.shape[-1] % 2 or t.storage_offset() % 2:
-            return False
-        if any(st % 2 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
-            return False
-    return True
-
-
 def launch(kernel, q, qo, k, ko, cos, sin, *, interleaved: bool, elems: int | None = None,
-           num_warps: int | None = None, max_block_h: int | None = None, fp_fusion: bool = True,
-           pairs: bool | None = None) -> None:
+           num_warps: int | None = None, max_block_h: int | None = None, fp_fusion: bool = True) -> None:
     """Run `kernel` (the jit function, or it wrapped by `wrap_triton`) on 4-D operands.
 
     q/k: `[d0, d1, H, D]` with unit stride on D; qo/ko: contiguous outputs; cos/sin:
     expanded to `[d0, d1, H, D/2]` of q (k must broadcast the same way). `k`/`ko` may be
-    None for a single tensor. `pairs` (default: whenever `pairs_ok`) moves interleaved
-    16-bit pairs as 32-bit words.
+    None for a single tensor.
     """
     d0, d1, hq, d = q.shape
     half = d // 2
@@ -189,10 +154,6 @@ def launch(kernel, q, qo, k, ko, cos, sin, *, interleaved: bool, elems: int | No
     if k is None:
         k, ko = q, qo  # never touched: no program is given a k head block
     extra = {} if fp_fusion else {"enable_fp_fusion": False}
-    if pairs is None:
-        pairs = pairs_ok(q, qo, k, ko)
-    if interleaved and pairs:
-        extra.update(PAIRS=True, F16=q.dtype == torch.float16)
     # after expand, a table shared by all heads has stride 0 along the head dim
     per_head = hq > 1 and (cos.stride(2) != 0 or sin.stride(2) != 0)
     kernel[cfg["grid"]](

@@ -51,31 +51,6 @@ def test_interpreted_kernel_within_one_ulp_of_reference(interpret, interleaved, 
         assert (out != ref).float().mean() < 0.75
 
 
-@pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_interpreted_word_pairs_equal_split_path(interpret, dtype):
-    """The interleaved path that moves (x1, x2) as one 32-bit word computes the same values
-    as the split/join path, bit for bit (same f32 math, same final rounding)."""
-    g = torch.Generator().manual_seed(3)
-    q = (torch.randn(1, 9, 3, 16, generator=g) * 4).to(dtype)
-    k = torch.randn(1, 9, 2, 16, generator=g).to(dtype)
-    cos, sin = torch.randn(1, 9, 1, 8, generator=g), torch.randn(1, 9, 1, 8, generator=g)
-    assert rope_triton.pairs_ok(q, k)
-    words = rope_ops.run_interpreted(q, k, cos, sin, True, pairs=True)
-    split = rope_ops.run_interpreted(q, k, cos, sin, True, pairs=False)
-    for a, b in zip(words, split):
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-
-
-def test_word_pairs_need_even_offsets_and_16_bit_dtypes():
-    x = torch.zeros(2, 6, 4, 16, dtype=BF16)
-    assert rope_triton.pairs_ok(x, x.clone())
-    assert not rope_triton.pairs_ok(x.float())
-    assert not rope_triton.pairs_ok(x, x.half())
-    odd = torch.zeros(2 * 6 * 4 * 16 + 1, dtype=BF16)[1:].view(2, 6, 4, 16)  # element offset 1
-    assert not rope_triton.pairs_ok(odd)
-    assert rope_triton.pairs_ok(x[:, :, 1:3])  # a head slice: offset and strides stay even
-
-
 def test_interpreted_kernel_small_blocks_and_strided_x(interpret):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 10, 16, generator=g).to(BF16).transpose(1, 2)  # [2, 10, 6, 16], strided
