@@ -115,8 +115,12 @@ def _fused_fake(x, residual, weight, eps):
 
 
 def run_interpreted(x, residual, weight, eps):
-    """The Triton kernel itself on CPU tensors under TRITON_INTERPRET=1 (tests): (y, s or None)."""
-    return _launch(rms_norm_triton.interpreted_kernel(), x, residual, weight, eps, interpret=True)
+    """The Triton kernel itself on CPU tensors (tests): (y, s or None).
+
+    Needs TRITON_INTERPRET=1 in the environment before Triton was first imported."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("run_interpreted() needs TRITON_INTERPRET=1 set before triton is imported")
+    return _launch(rms_norm_triton.rms_norm_kernel, x, residual, weight, eps, interpret=True)
 
 
 # ------------------------------------------------------------------ lowering registry

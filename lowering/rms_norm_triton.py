@@ -24,8 +24,9 @@ a one-ulp f32 difference in r can move n by one ulp of x's dtype, and y by one m
 
 The Triton interpreter (TRITON_INTERPRET=1, CPU CI) truncates f32 -> bf16; under it
 (constexpr INTERP) bf16 conversions are done in integer arithmetic, round to nearest
-even, as the GPU does. The kernel has no jit helpers, so `interpreted_kernel()` can
-build an interpreted copy after the module was imported without the variable.
+even, as the GPU does. The variable must be set before Triton is imported (`tl.sum`
+itself is a jit function, fixed in the mode of the first import): tests run the
+interpreter in a subprocess.
 """
 
 from __future__ import annotations
@@ -129,13 +130,6 @@ def _rms_norm_kernel(
 
 
 rms_norm_kernel = triton.jit(_rms_norm_kernel)
-
-
-def interpreted_kernel():
-    """The kernel built for Triton's CPU interpreter (TRITON_INTERPRET=1 must be set)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("interpreted_kernel() needs TRITON_INTERPRET=1 in the environment")
-    return triton.jit(_rms_norm_kernel)
 
 
 @functools.lru_cache(maxsize=None)
