@@ -502,6 +502,8 @@ class GraphTimer:
                 b.record()
                 b.synchronize()
                 times[name].append(a.elapsed_time(b) * 1e3 / calls)
+        # the spread of the replays, so a ratio near 1 can be read against the noise
+        self.spread = {k: [round(q, 2) for q in statistics.quantiles(v, n=4)[::2]] for k, v in times.items()}
         return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -587,6 +589,7 @@ def run_case(name: str, phase: str, tokens: int, cfg: dict, config, device: str,
     else:
         us = timer.time(graphs, calls, flush=phase != "decode")
         row["timer"] = "cuda_graph_x20" if calls > 1 else "cuda_graph_l2_flushed"
+        row["us_p25_p75"] = timer.spread
         if "stock" in prof and "plugin" in prof:
             row["profile_us"] = prof
             s_nqr, p_nqr = prof["stock"]["nqr"], prof["plugin"]["nqr"]
