@@ -95,6 +95,46 @@ def _exp2_int(n):
     return tl.where(n != n, n, r)
 
 
+# floor(2^(j-1) * ln 2), j = 0..7, one byte each: the largest mantissa m (of 2^23) for which
+# log2(1 + m/2^23) stays below 2^(j-24), half an f32 ulp of an integer exponent of order 2^j
+_UE8M0_M = 0x2C160B0502010000
+
+
+@triton.jit
+def _exp2_int_f32(x):
+    """floor(log2 x) of positive integer-valued f32 x (< 2^24), from its exponent bits."""
+    return (x.to(tl.int32, bitcast=True) >> 23) - 127
+
+
+@triton.jit
+def _ue8m0_f32(s):
+    """2^ceil(RN_f32(log2 s)) for an f32 scale s >= 0 (or inf, NaN), in integer arithmetic.
+
+    With s = 2^e (1 + m/2^23), log2 s = e + log2(1 + m/2^23). Its f32 rounding is e itself
+    (ceil e) when m = 0 or when log2(1 + m/2^23) is under half the f32 spacing next to e
+    (a power of two 2^(j-24) that depends on |e|: _UE8M0_M holds the largest such m per j),
+    else it lies in (e, e + 1] (ceil e + 1). The spacings are far from every candidate m
+    (margin >= 0.09 of an m step), so the f64 log2 rounded to f32 that this replaces gives
+    the same result: checked for every positive finite f32 (docs/kernels.md)."""
+    bits = s.to(tl.int32, bitcast=True)
+    eb = bits >> 23
+    m = bits & 0x7FFFFF
+    # subnormal s = m 2^-149: normalise m to 1.f with p = floor(log2 m)
+    p = _exp2_int_f32(tl.maximum(m, 1).to(tl.float32))
+    sub = eb == 0
+    e = tl.where(sub, p - 149, eb - 127)
+    mm = tl.where(sub, (m - (1 << p)) << (23 - p), m)
+    ae = tl.abs(e)
+    fl = _exp2_int_f32(tl.maximum(ae, 1).to(tl.float32))
+    pow2 = (ae & (ae - 1)) == 0
+    j = tl.where(e > 0, fl, tl.where(pow2, fl - 1, fl))
+    mmax = tl.where(j >= 0, (_UE8M0_M >> (8 * tl.maximum(j, 0)).to(tl.int64)) & 0xFF, 0)
+    n = tl.where(mm.to(tl.int64) <= mmax, e, e + 1)
+    r = _exp2_int(n.to(tl.float32))
+    r = tl.where(s == 0.0, 0.0, r)
+    return tl.where(s != s, s, tl.where(s == float("inf"), s, r))
+
+
 @triton.jit
 def _ceil(x, INTERP: tl.constexpr):
     if INTERP:
@@ -288,7 +328,11 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
             s = _rnd(_div_exact(s, _c32(SCONST), _c32(RCONST)), SMD, INTERP)
         if HAS_FLOOR and not FLOOR_AMAX:
             s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
-        if UE8M0:
+        if UE8M0 and SMD == 0:
+            # 2^ceil(log2 s) with log2 rounded to f32, without the f64 log2 (as costly as
+            # the rest of a group's math at T = 16384)
+            s = _ue8m0_f32(s)
+        elif UE8M0:
             # log2 rounded to f32 (computed in f64, rounded once), then to the math dtype;
             # ceil and exp2 of an integer are exact
             lg = _rnd(_log2(s.to(tl.float64), INTERP).to(tl.float32), SMD, INTERP)

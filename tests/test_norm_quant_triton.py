@@ -29,7 +29,7 @@ import pytest
 import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
-from fusewright.lowering.norm_quant_triton_math import _exp2_int
+from fusewright.lowering.norm_quant_triton_math import _exp2_int, _ue8m0_f32
 
 from fusewright.lowering.norm_quant_reference import reference
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec, QuantSpec
@@ -257,7 +257,32 @@ def _interp_worker() -> dict:
     _pow2[(1,)](ns, got, ns.numel(), BLOCK=triton.next_power_of_2(ns.numel()))
     want = torch.exp2(ns.double()).float()
     pow2_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
-    return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad}
+    # the integer ue8m0 rule against ceil(f32(log2(f64 s))): every exponent, the mantissas at
+    # and around each threshold, subnormals, random bit patterns, 0 / inf / NaN
+    @triton.jit
+    def _ue8m0(s_ptr, o_ptr, N, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(o_ptr + o, _ue8m0_f32(tl.load(s_ptr + o, mask=m)), mask=m)
+
+    exps = torch.arange(1, 255, dtype=torch.int64)
+    mants = torch.tensor([0, 1, 2, 3, 5, 6, 11, 12, 22, 23, 44, 45, 46, 2**22, 2**23 - 1])
+    bits = ((exps[:, None] << 23) | mants[None, :]).flatten()
+    g = torch.Generator().manual_seed(0)
+    bits = torch.cat([bits, torch.randint(1, 2**23, (4000,), generator=g),  # subnormals
+                      torch.randint(1, 0x7F800000, (20000,), generator=g),
+                      torch.tensor([0, 0x7F800000, 0x7FC00000])])
+    sv = bits.to(torch.int32).view(torch.float32).contiguous()
+    got = torch.empty_like(sv)
+    for i in range(0, sv.numel(), 8192):
+        chunk = sv[i:i + 8192].contiguous()
+        out = torch.empty_like(chunk)
+        _ue8m0[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
+        got[i:i + 8192] = out
+    want = torch.exp2(torch.ceil(torch.log2(sv.double()).float()).double()).float()
+    ue_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
+    return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad,
+            "ue8m0_mismatch": ue_bad, "ue8m0_cases": sv.numel()}
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +307,11 @@ def test_interpreter_matrix_bitwise(interp_result):
 
 def test_interpreter_exp2_of_integers_is_exact(interp_result):
     assert interp_result["exp2_int_mismatch"] == 0
+
+
+def test_interpreter_ue8m0_integer_rule_matches_f64_log2(interp_result):
+    assert interp_result["ue8m0_cases"] > 25000
+    assert interp_result["ue8m0_mismatch"] == 0
 
 
 def test_interpreter_raw_conversions_are_not_rne(interp_result):
