@@ -34,8 +34,9 @@ SDPA, fusewright's fused ops), and `nqr`, the norm/quant/rope kernels, classifie
 
 * a fusewright op or kernel (`_rms_norm_quant_kernel`, `_rope_kernel`, `fusewright::*`);
 * an Inductor kernel whose fused ATen ops (the `Original ATen` launch comment, else the
-  kernel name) include any of rsqrt, mean, pow, amax, abs, reciprocal, cat, stack,
-  slice_scatter, or whose body computes rsqrt, sqrt or abs: the ops only RMSNorm, FP8
+  kernel name) include any of rsqrt, mean, pow, amax, abs, reciprocal, clamp, cat,
+  stack, slice_scatter, or whose body computes rsqrt, sqrt or abs (Inductor may split a
+  quantization into an amax kernel and a clamp/divide kernel: both count): the ops only RMSNorm, FP8
   quantization and RoPE bring into these layers (SiLU-mul, residual adds, bias adds,
   copies and GEMM/SDPA do not count). A kernel that fuses RoPE into a norm counts once.
 
@@ -381,8 +382,8 @@ def cases(table: dict, only: list[str]) -> list[tuple[str, str, int]]:
 
 
 # ============================================================================ kernels
-NQR_OPS = frozenset({"rsqrt", "mean", "pow", "amax", "abs", "reciprocal", "cat", "stack", "slice_scatter",
-                     "rms_norm", "_fused_rms_norm"})
+NQR_OPS = frozenset({"rsqrt", "mean", "pow", "amax", "abs", "reciprocal", "clamp", "clamp_min", "clamp_max", "cat",
+                     "stack", "slice_scatter", "rms_norm", "_fused_rms_norm"})
 # operations read from a kernel's body: a kernel that fusewright's aten lowering produced
 # is named after whatever nodes Inductor took its origins from, so the name can miss them
 NQR_BODY = frozenset({"rsqrt", "sqrt", "abs"})
