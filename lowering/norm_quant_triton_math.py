@@ -97,7 +97,7 @@ def _exp2_int(n):
 
 # floor(2^(j-1) * ln 2), j = 0..7, one byte each: the largest mantissa m (of 2^23) for which
 # log2(1 + m/2^23) stays below 2^(j-24), half an f32 ulp of an integer exponent of order 2^j
-_UE8M0_M = 0x2C160B0502010000
+_UE8M0_M = tl.constexpr(0x2C160B0502010000)  # a jit global must be a constexpr
 
 
 @triton.jit
