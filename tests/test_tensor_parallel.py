@@ -1,4 +1,8 @@
-"""Rewrites on tensor-parallel graphs: two CPU processes, gloo, functional all-reduces."""
+"""Rewrites on tensor-parallel graphs: two CPU processes, gloo, functional all-reduces.
+
+Also graph-diff on the real per-rank output code of those processes (one report per rank,
+collectives untouched) and the FX check that no rewrite moves computation across a
+wait_tensor (`tools.fx_diff.collective_changes`)."""
 
 import tempfile
 
@@ -26,6 +30,7 @@ def _rank(rank: int, init_file: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         from fusewright.testing import compile_and_capture
+        from fusewright.tools.fx_diff import collective_changes, collective_fingerprint
         from fusewright.tools.tp_example import full_layer
 
         full = full_layer(HIDDEN)
@@ -46,6 +51,10 @@ def _rank(rank: int, init_file: str, queue) -> None:
             "reference_scale": reference.float().abs().max().item(),
             "collectives_before": [_describe_collective(n) for n in _collectives(before)],
             "collectives_after": [_describe_collective(n) for n in _collectives(after)],
+            "codes_off": off.codes,
+            "codes_on": on.codes,
+            "moved_across_collectives": collective_changes(before, after),
+            "fingerprint": collective_fingerprint(after),
         })
     except Exception as exc:  # report instead of hanging the other rank's queue read
         queue.put({"rank": rank, "exception": repr(exc)})
@@ -59,8 +68,12 @@ def ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_rank, args=(f"{tmp}/init", queue), nprocs=WORLD, start_method="spawn")
-    results = sorted((queue.get(timeout=60) for _ in range(WORLD)), key=lambda r: r["rank"])
+        procs = mp.start_processes(_rank, args=(f"{tmp}/init", queue), nprocs=WORLD, start_method="spawn",
+                                   join=False)
+        # read before joining: a child cannot exit until the queue has taken its (large) result
+        results = sorted((queue.get(timeout=120) for _ in range(WORLD)), key=lambda r: r["rank"])
+        while not procs.join():
+            pass
     for result in results:
         assert "exception" not in result, result
     return results
@@ -94,3 +107,45 @@ def test_collectives_unchanged(ranks):
         assert len(result["collectives_after"]) == 2
         for _, _, _, users in result["collectives_after"]:
             assert users == ["_c10d_functional.wait_tensor.default"]
+
+
+def test_no_rewrite_moves_computation_across_a_wait(ranks):
+    """Deliverable 1: what is communicated, and which side of each wait every computation
+    is on, are the same before and after the passes (on the graphs the passes really got)."""
+    for result in ranks:
+        assert result["moved_across_collectives"] == [], result["moved_across_collectives"]
+        fp = result["fingerprint"]
+        assert [c["op"] for c in fp["collectives"]] == ["_c10d_functional.all_reduce"] * 2
+        assert [c["sends"] for c in fp["collectives"]] == [["bfloat16[16, 128] stride [128, 1]"]] * 2
+        # the second all-reduce's input comes after the first wait (the residual stream); the output after both
+        assert [c["after_waits"] for c in fp["collectives"]] == [[], [0]]
+        assert fp["waits"] == [{"on": 0}, {"on": 1}] and fp["outputs"] == [[0, 1]]
+        # computation in all three regions: in front of both all-reduces (input norm, attention),
+        # between them (post-attention norm + quant, MLP), after both (the opaque op, the residual add)
+        regions = {(tuple(w), tuple(f)) for _, w, f in fp["regions"].values()}
+        assert {((), (0, 1)), ((0,), (1,)), ((0, 1), ())} <= regions, regions
+
+
+def test_graph_diff_per_rank_on_real_code(ranks, tmp_path):
+    from fusewright.tools.graph_diff import check_expectations, offline_diff
+
+    for side, key in (("before", "codes_off"), ("after", "codes_on")):
+        for result in ranks:
+            for i, code in enumerate(result[key]):
+                d = tmp_path / side / f"rank{result['rank']}" / f"graph{i}"
+                d.mkdir(parents=True)
+                (d / "output_code.py").write_text(code)
+    report = offline_diff(str(tmp_path / "before"), str(tmp_path / "after"))
+    assert list(report.rank_reports) == ["0", "1"]
+    for rank, sub in report.rank_reports.items():
+        removed = [m.before for m in sub.kernel_diff if m.status == "removed"]
+        # the no-op round trip in front of the opaque op is gone on every rank
+        assert any(k.is_noop for k in removed), [k.name for k in removed]
+        assert not any(k.is_noop for k in sub.after.kernels)
+        colls = [m for m in sub.kernel_diff if (m.after or m.before).kind == "collective"]
+        assert [m.status for m in colls] == ["unchanged"] * 4  # 2 all_reduce_ + 2 wait_tensor, C++ code
+        assert {m.after.name for m in colls} == {"_c10d_functional.all_reduce_", "_c10d_functional.wait_tensor"}
+        assert all(k.rank == rank for k in sub.before.kernels + sub.after.kernels)
+    assert report.collectives()["ok"] and check_expectations(report) == []
+    data = report.to_dict()
+    assert set(data["ranks"]) == {"0", "1"} and data["collectives"]["before_count"] == 8
