@@ -304,6 +304,9 @@ def register(
     (a new binary kernel): it is part of the compile cache key.
     """
     semantic_op(op)
+    # built-ins first, whoever is imported first: registration order is the tie-break
+    # order of `auto` after the rule, so it must not depend on import order
+    _load_builtins()
     if not name or not name.replace("_", "").isalnum() or name == "auto":
         raise ValueError(f"implementation name {name!r}: use letters, digits and '_' (and not 'auto')")
     impl = Implementation(op, name, build, supports, version, source)

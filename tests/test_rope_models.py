@@ -50,7 +50,8 @@ def test_wan_fused_op_pairs_q_and_k_of_each_layer(wan):
     config = {"lowering": {"rope": "triton"}, "strict": True, "fuse_norm_quant": False, "eliminate_noop_casts": False}
     run = compile_and_capture(fn, inputs, config=config)
     stats = run.report["rewrite_rope"]
-    assert stats.details == {"triton:interleaved": 2 * LAYERS, "triton:launches": LAYERS}
+    assert stats.details == {"strided writeback: rope[interleaved] -> triton (priority triton)": 2 * LAYERS,
+                             "triton:launches": LAYERS}
     after = run.graphs_after[0]
     assert count_targets(after, aten.slice_scatter.default) == 0
     assert count_targets(after, torch.ops.fusewright.rope_qk.default) == LAYERS
