@@ -157,6 +157,9 @@ def launch(kernel, x2, r2, w, y2, s2, eps, *, interpret: bool = False) -> None:
     x2/r2: unit stride on H, any row stride; y2/s2: contiguous outputs; w: `[H]` or None.
     """
     m, h = x2.shape
+    # H is a compile-time constant of the kernel (the tile width): a symbolic hidden size
+    # (torch.compile(dynamic=True)) is specialised here; the token count M stays dynamic
+    h = int(h)
     cfg = launch_config(h)
     rows = cfg["ROWS"]
     grid = ((m + rows - 1) // rows,)

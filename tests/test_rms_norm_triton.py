@@ -137,6 +137,24 @@ def test_launch_depends_on_hidden_size_only():
     assert rms_norm_triton.supports(32769, BF16).startswith("hidden size")
 
 
+def test_launch_traces_with_a_symbolic_token_count_and_no_host_sync():
+    """What Inductor sees of the CUDA path (traced on CPU tensors: nothing runs)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.library import wrap_triton
+
+    def fn(x, r, w):
+        return rms_norm_ops._launch(wrap_triton(rms_norm_triton.rms_norm_kernel), x, r, w, 1e-6)
+
+    x = torch.empty(5, 160, dtype=BF16)
+    gm = make_fx(fn, tracing_mode="symbolic")(x, x.clone(), torch.empty(160, dtype=BF16))
+    (launch,) = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    kwargs = launch.kwargs["kwargs"]
+    assert isinstance(kwargs["M"], torch.fx.Node)  # the token count stays symbolic
+    assert kwargs["H"] == 160 and kwargs["BLOCK_H"] == 256  # the hidden size is specialised
+    assert isinstance(launch.kwargs["grid"][0][0], torch.fx.Node)
+    assert "_local_scalar_dense" not in gm.code and "item" not in gm.code
+
+
 def test_op_checks_fake_and_cpu_reference():
     x = torch.randn(3, 8).to(BF16)
     w = torch.randn(8).to(BF16)
