@@ -208,7 +208,8 @@ SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH"
                {"CH": 2048, "num_warps": 8}, {"CH": 2048, "num_warps": 16}]
 
 
-def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, env: dict) -> list[dict]:
+def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, env: dict,
+          hidden: list[int] | None = None) -> list[dict]:
     vs = variants()
     rows, table = [], {}
 
@@ -229,14 +230,14 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
 
     for fam in families:
         name = SWEEP_FAMILIES[fam]
-        for H in SWEEP_H[fam]:
+        for H in hidden or SWEEP_H[fam]:
             best = best_of(fam, name, 16384, H, SWEEP_LARGE)
             if best:
                 table[f"{fam}/{H}/large"] = dict(best[1], us=best[0], measured_at="T=16384")
             best = best_of(fam, name, 4096, H, SWEEP_LARGE)  # same kernels: only timing
             if best:
                 table[f"{fam}/{H}/mid"] = dict(best[1], us=best[0], measured_at="T=4096")
-        for H in SWEEP_SMALL_H:
+        for H in hidden or SWEEP_SMALL_H:
             best = best_of(fam, name, 64, H, SWEEP_SMALL)
             if best:
                 table[f"{fam}/{H}/small"] = dict(best[1], us=best[0], measured_at="T=64")
@@ -274,6 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
     parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (no Inductor)")
     parser.add_argument("--families", default="token,local,local+res", help="--sweep: families to tune")
+    parser.add_argument("--sweep-hidden", default=None,
+                        help="--sweep: comma-separated hidden sizes instead of the default ones (e.g. 1536)")
     parser.add_argument("--write-tuning", metavar="PATH", help="--sweep: write the best plans as a tuning table")
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
     parser.add_argument("--reps", type=int, default=30)
@@ -340,7 +343,8 @@ def main(args: argparse.Namespace, config=None) -> int:
     print(json.dumps(env), flush=True)
     rows = []
     if args.sweep:
-        rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env)
+        hidden = [int(h) for h in args.sweep_hidden.split(",")] if args.sweep_hidden else None
+        rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env, hidden)
     else:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
