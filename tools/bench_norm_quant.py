@@ -167,7 +167,7 @@ def _inductor_fn(spec: NormQuantSpec):
 
 def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H: int,
               tuning: dict | None = None, inductor: bool = True) -> dict:
-    from ..lowering.norm_quant_triton import launch, plan
+    from ..lowering.norm_quant_triton import launch
 
     args = _inputs(spec, T, H)
     small = T <= 256
