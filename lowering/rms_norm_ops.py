@@ -187,6 +187,7 @@ def shipped_choice_for_call(call: OpCall, device_name: str, candidates: tuple[st
         return None
     if os.environ.get(ENV_MEASURE, "").strip().lower() in ("1", "true", "on", "yes"):
         return None
-    return "aten", ("rule for cuda: aten is decomposable: Inductor fuses it with its neighbours (add, casts, a quant tail the norm->quant "
-                    "pass fuses), which an isolated timing of the fused kernel cannot see; "
+    return "aten", ("rule for cuda: aten is decomposable: Inductor fuses it with its neighbours (add, casts, "
+                    "a quant tail the norm->quant pass fuses), which an isolated timing of the fused kernel "
+                    "cannot see; "
                     f"{ENV_MEASURE}=1 measures instead")

@@ -32,7 +32,6 @@ interpreter in a subprocess.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton

@@ -47,7 +47,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import rope_aten, rope_ops
+from . import rope_aten
+from . import rope_ops  # noqa: F401  (registers torch.ops.fusewright.rope, which build_triton emits)
 from .registry import Emit, OpCall, register, semantic_op
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "rope_auto.json")

@@ -1,4 +1,4 @@
-"""`torch.ops.fusewright.rope` / `rope_qk`: fused RoPE as torch.library ops, and the choice of lowering.
+"""`torch.ops.fusewright.rope` / `rope_qk`: fused RoPE as torch.library ops (registered as `triton` in `rope_lowering`).
 
     out = torch.ops.fusewright.rope(x, cos, sin, interleaved)
     q_out, k_out = torch.ops.fusewright.rope_qk(q, k, cos, sin, interleaved)
