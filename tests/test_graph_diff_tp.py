@@ -409,3 +409,20 @@ def test_no_change_and_upstream_rewrites_pass():
 def test_moving_computation_across_a_collective_is_caught(variant, words):
     problems = collective_changes(_tp_graph(), _tp_graph(variant))
     assert any(words in p for p in problems), problems
+
+
+def test_same_f32_constant_spelled_two_ways_is_the_same_kernel():
+    """Stock Inductor writes `1e-06`, a rewrite's lowering the f32 value it computed
+    (`9.999999974752427e-07`): the same constant, so the same kernel (seen on the H200)."""
+    def kernel(eps: str) -> str:
+        return (_TRITON_ADD.replace("tmp2 = tmp0 + tmp1", f"tmp2 = tmp0 + tl.full([1], {eps}, tl.float32)")
+                .replace("triton_poi_fused_add_1", "triton_poi_fused_add_7"))
+
+    def signature(eps: str) -> str:
+        code = triton_code(noop=False, gather=False).replace(_TRITON_ADD, kernel(eps)).replace(
+            "triton_poi_fused_add_1.run", "triton_poi_fused_add_7.run")
+        [k] = [k for k in parse_output_code(code).kernels if k.kind == "triton_pointwise"]
+        return k.signature
+
+    assert signature("1e-06") == signature("9.999999974752427e-07")
+    assert signature("1e-06") != signature("2e-06")

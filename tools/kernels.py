@@ -22,9 +22,11 @@ statement Inductor emits sits on one line).
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import re
+import struct
 from typing import Iterable
 
 # ----------------------------------------------------------------------------- dtypes
@@ -329,6 +331,24 @@ class _TritonReader:
                     self.ops.append("dot")
 
 
+class _F32Literals(ast.NodeTransformer):
+    """`tl.full(shape, 1e-06, tl.float32)` and `tl.full(shape, 9.999999974752427e-07, tl.float32)` are
+    the same constant: Inductor spells an f32 scalar either way (from a Python float, or from the
+    f32 value a rewrite computed). The signature compares the f32 value."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if (_dotted(node.func) == "tl.full" and len(node.args) == 3 and _dotted(node.args[2]) == "tl.float32"
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, float)):
+            value = struct.unpack("f", struct.pack("f", node.args[1].value))[0]
+            node.args[1] = ast.Constant(value)
+        return node
+
+
+def _f32_literals(stmt: ast.stmt) -> ast.AST:
+    return _F32Literals().visit(copy.deepcopy(stmt))
+
+
 def read_triton(source: str, name: str) -> tuple[str, BodyInfo | None]:
     """(kind, body info) of a Triton kernel source as embedded in output code."""
     try:
@@ -343,7 +363,7 @@ def read_triton(source: str, name: str) -> tuple[str, BodyInfo | None]:
     kind = triton_kind(decorator, name)
     reader = _TritonReader(func, signature)
     # what it computes: the body without the kernel's own (numbered) name
-    body = "\n".join(ast.unparse(stmt) for stmt in func.body)
+    body = "\n".join(ast.unparse(_f32_literals(stmt)) for stmt in func.body)
     params = [a.arg for a in func.args.args]
     normalized = f"({', '.join(params)})\n{body}"
     ptr_params = {p: norm_dtype(t) for p, t in signature.items() if isinstance(t, str) and t.startswith("*")}
