@@ -38,6 +38,7 @@ def test_every_rank_reports_both_variants(bench_run):
         for row in rank["rows"]:
             assert row["rewrites"] == {"fuse_norm_quant": 2, "eliminate_noop_casts": 1, "rewrite_rope": 0}
             assert row["bitwise_equal"] and row["max_abs_plugin_vs_stock"] == 0.0
+            assert row["stock_rerun_bitwise"] and row["max_abs_stock_rerun"] == 0.0
             # a rank's output vs the single-process layer: FP8 of partial activations, a few steps apart
             assert row["max_abs_vs_single_process"] <= 0.1 * row["reference_absmax"]
             stock, plugin = row["stock_kernels"], row["plugin_kernels"]

@@ -170,6 +170,11 @@ def _step_plugin(layer, x):
     return layer(x)
 
 
+def _step_control(layer, x):
+    # A second stock compile (--control): how far two stock compiles of one layer disagree.
+    return layer(x)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16)
 
@@ -218,6 +223,8 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
     config = PassConfig.resolve(config)
     compiled = {"stock": torch.compile(_step_stock, dynamic=False),
                 "plugin": torch.compile(_step_plugin, dynamic=False, options=inductor_options(config))}
+    if args.control:
+        compiled["control"] = torch.compile(_step_control, dynamic=False)
     timer = _Timer(device, args.reps, args.decode_calls)
     rows = []
     tokens = [("prefill", t) for t in args.prefill] + [("decode", t) for t in args.decode]
@@ -249,6 +256,15 @@ def run_rank(args: argparse.Namespace, config=None) -> dict[str, Any]:
             runners[variant] = (lambda f=compiled[variant], xs=static_x: f(layer, xs))
         with torch.no_grad():
             reference = full(x)
+            # the same stock graph run again: nonzero means run-to-run nondeterminism outside the rewrite
+            again = compiled["stock"](layer, x)
+            if args.control:
+                control = compiled["control"](layer, x)
+        row["stock_rerun_bitwise"] = bool(torch.equal(_bits(outs["stock"]), _bits(again)))
+        row["max_abs_stock_rerun"] = float((again.float() - outs["stock"].float()).abs().max())
+        if args.control:
+            row["control_bitwise"] = bool(torch.equal(_bits(outs["stock"]), _bits(control)))
+            row["max_abs_stock_vs_control"] = float((control.float() - outs["stock"].float()).abs().max())
         row["bitwise_equal"] = bool(torch.equal(_bits(outs["stock"]), _bits(outs["plugin"])))
         row["max_abs_plugin_vs_stock"] = float((outs["plugin"].float() - outs["stock"].float()).abs().max())
         row["max_abs_vs_single_process"] = float((outs["plugin"].float() - reference.float()).abs().max())
@@ -300,7 +316,9 @@ def _row_line(r: dict) -> str:
     return (f"rank {r['rank']} {r['phase']:7s} T={r['T']:<5d} gen {sk['generated']:2d}->{pk['generated']:2d}"
             f" noop {len(sk['noop'])}->{len(pk['noop'])} norm+quant fused {sk['norm_quant_fused']}->"
             f"{pk['norm_quant_fused']} bitwise={r['bitwise_equal']} (max abs {r['max_abs_plugin_vs_stock']:.3g} of "
-            f"{r['reference_absmax']:.3g}; vs 1 process {r['max_abs_vs_single_process']:.3g}){t}")
+            f"{r['reference_absmax']:.3g}; stock rerun {r['max_abs_stock_rerun']:.3g}"
+            + (f", stock vs stock recompiled {r['max_abs_stock_vs_control']:.3g}" if "control_bitwise" in r else "")
+            + f"; vs 1 process {r['max_abs_vs_single_process']:.3g}){t}")
 
 
 def format_result(result: dict) -> str:
@@ -331,6 +349,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed samples per variant (default 30; cpu 3)")
     parser.add_argument("--decode-calls", type=int, default=20, help="replays per decode sample")
     parser.add_argument("--no-timing", action="store_true", help="kernels and outputs only")
+    parser.add_argument("--control", action="store_true",
+                        help="also compile the layer a second time with stock Inductor and compare it with the first "
+                             "(outputs of two stock compiles: the noise floor for plugin vs stock)")
     parser.add_argument("--deterministic", action="store_true",
                         help="Inductor's deterministic mode: one reduction config, no on-device autotuning (stock and "
                              "plugin kernels that autotune apart may sum in different orders)")
