@@ -55,8 +55,16 @@ class DeopaquePass(GraphPass):
         found, declined = find_opaque_calls(graph, mapping)
         for d in declined:
             ctx.skipped(f"opaque op not replaced: {d.reason}", d.node)
+        # Calls were found on the graph as it was; one call's argument may be an earlier
+        # call's result (a chain of opaque ops), which that replacement erased: map erased
+        # nodes to what replaced them before looking at a call.
+        replaced: dict[fx.Node, fx.Node] = {}
         for call in found:
             ctx.matched()
+            for role, value in list(call.args.items()):
+                while isinstance(value, fx.Node) and value in replaced:
+                    value = replaced[value]
+                call.args[role] = value
             with ctx.at(call.node):
                 problem = self._problem(call)
                 if problem:
@@ -68,7 +76,7 @@ class DeopaquePass(GraphPass):
                     ctx.skipped(f"{call.how} not replaced: no {call.semantic} implementation applies "
                                 f"({choice.reason})", call.node)
                     continue
-                self._replace(graph, call, choice.impl, dict(op_call.params))
+                replaced.update(self._replace(graph, call, choice.impl, dict(op_call.params)))
                 ctx.rewritten(detail=f"{call.how}: {choice.detail()}")
 
     # ------------------------------------------------------------ checks
@@ -115,7 +123,9 @@ class DeopaquePass(GraphPass):
 
     # ------------------------------------------------------------ rewriting
     @staticmethod
-    def _replace(graph: fx.Graph, call: OpaqueCall, impl: lowering_registry.Implementation, params: dict) -> None:
+    def _replace(graph: fx.Graph, call: OpaqueCall, impl: lowering_registry.Implementation,
+                 params: dict) -> dict[fx.Node, fx.Node]:
+        """Replace the call; returns {erased node: the node that now holds its value}."""
         node = call.node
 
         def emit(op, *args):
@@ -136,15 +146,18 @@ class DeopaquePass(GraphPass):
         if call.form == "functional":
             node.replace_all_uses_with(result)
             graph.erase_node(node)
-            return
+            return {node: result}
+        erased = {}
         for role, readers in call.new_values.items():
             for reader in readers:
                 reader.replace_all_uses_with(new[role])
                 graph.erase_node(reader)
+                erased[reader] = new[role]
         graph.erase_node(node)
         out = call.args.get("out")
         if isinstance(out, fx.Node) and not out.users and out.target in _EMPTY:
             graph.erase_node(out)  # the buffer the op wrote into is not needed any more
+        return erased
 
 
 PASS = DeopaquePass()

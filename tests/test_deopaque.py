@@ -160,6 +160,30 @@ def test_functional_form_float32_and_dynamic_shapes():
     torch.testing.assert_close(run.outputs, functional_form(x, w), rtol=1e-5, atol=1e-6)
 
 
+def test_a_chain_of_opaque_ops_feeding_each_other_is_replaced(af_version):
+    """The second op reads the first op's result: its argument is a node the first
+    replacement erased, and must be read from the replacement instead."""
+    def chained(x, r, w):
+        y = torch.ops.fwtest9.rms_norm_fn(x * 2, w, EPS)
+        h, res = y.clone(), r.clone()
+        torch.ops.fwtest9.fused_add_rms_norm(h, res, w, EPS)
+        return h, res
+
+    def chained_native(x, r, w):
+        y = _norm(x * 2, w, EPS)
+        res = r + y
+        return _norm(res, w, EPS), res
+
+    x, r, w = inputs(seed=5)
+    run = compile_and_capture(chained, (x, r, w), dict(CONFIG, strict=True))
+    assert run.report["deopaque"].rewritten == 2 and not run.report["deopaque"].errors
+    after = run.graphs_after[0]
+    assert count_targets(after, torch.ops.fwtest9.rms_norm_fn.default) == 0 and count_targets(after, af_version) == 0
+    native = compile_and_capture(chained_native, (x, r, w), enable=False)
+    for got, want in zip(run.outputs, native.outputs):
+        assert torch.equal(got, want)  # bitwise: the same aten math, compiled
+
+
 def test_out_buffer_given_by_the_caller_is_written():
     def fill(out, x, w):
         torch.ops.fwtest9.rms_norm(out, x, w, EPS)
