@@ -264,6 +264,13 @@ def test_sides_with_different_ranks_are_bad_input(tmp_path):
     with pytest.raises(GraphDiffError, match="different ranks"):
         offline_diff(before, after)
     assert offline_diff(before, after, rank=0).rank == "0"
+    # one process on each side, ranked or not (a rank-1 dump against a plain file): one plain diff
+    plain = tmp_path / "plain.py"
+    plain.write_text(triton_code(noop=False))
+    one = offline_diff(str(tmp_path / "before" / "rank1"), str(plain))
+    assert not one.rank_reports and one.counts("removed") == 1
+    one = offline_diff(str(tmp_path / "before"), str(plain), rank=1)
+    assert one.rank == "1"
     flat = tmp_path / "flat.py"
     flat.write_text(triton_code())
     with pytest.raises(GraphDiffError, match="no per-rank output code"):
@@ -426,3 +433,12 @@ def test_same_f32_constant_spelled_two_ways_is_the_same_kernel():
 
     assert signature("1e-06") == signature("9.999999974752427e-07")
     assert signature("1e-06") != signature("2e-06")
+
+
+def test_directory_without_ranks_is_plain_code(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "output_code.py").write_text(triton_code())
+    codes = load_output_codes(tmp_path)
+    assert [c.rank for c in codes] == [None, None] and [c.kernels[0].graph for c in codes] == [0, 1]
+    assert not single_report(str(tmp_path)).rank_reports

@@ -499,11 +499,16 @@ def offline_diff(before_path: str, after_path: str, rank: str | int | None = Non
     b_codes, a_codes = _load(before_path), _load(after_path)
     b_groups, a_groups = group_by_rank(b_codes), group_by_rank(a_codes)
     if rank is not None:
-        before = Side("before", _select_rank(b_groups, rank, before_path))
-        after = Side("after", _select_rank(a_groups, rank, after_path))
+        if set(b_groups) == set(a_groups) == {None}:
+            _select_rank(b_groups, rank, f"{before_path} or {after_path}")  # raises: no ranks anywhere
+        # a side without ranks (one process's code) is taken whole
+        before = Side("before", b_codes if set(b_groups) == {None} else _select_rank(b_groups, rank, before_path))
+        after = Side("after", a_codes if set(a_groups) == {None} else _select_rank(a_groups, rank, after_path))
         return GraphDiffReport(mode="offline", before=before, after=after, rank=str(rank), target=target,
                                kernel_diff=match_kernels(before.kernels, after.kernels))
-    if set(b_groups) == set(a_groups) == {None}:
+    if set(b_groups) == set(a_groups) == {None} or (len(b_groups) == len(a_groups) == 1
+                                                     and set(b_groups) != set(a_groups)):
+        # no ranks, or one process on each side (a rank-0 log against a plain one): one diff
         before, after = Side("before", b_codes), Side("after", a_codes)
         return GraphDiffReport(mode="offline", before=before, after=after, target=target,
                                kernel_diff=match_kernels(before.kernels, after.kernels))

@@ -603,7 +603,7 @@ def load_output_codes(path: str | Path) -> list[OutputCode]:
         pids = _pid_ranks(p)
         codes = [parse_output_code(_read(f), str(f)).set_rank(rank_of_path(f, p, pids)) for f in files]
         labels = {c.rank for c in codes}
-        if len(labels) == 1 and next(iter(labels), "").startswith("pid "):
+        if len(labels) == 1 and (next(iter(labels)) or "").startswith("pid "):
             for c in codes:  # one process's debug directory: not a per-rank run
                 c.set_rank(None)
         return _number_graphs(codes)
