@@ -442,3 +442,14 @@ def test_directory_without_ranks_is_plain_code(tmp_path):
     codes = load_output_codes(tmp_path)
     assert [c.rank for c in codes] == [None, None] and [c.kernels[0].graph for c in codes] == [0, 1]
     assert not single_report(str(tmp_path)).rank_reports
+
+
+def test_unstated_shape_or_dtype_is_not_a_change(tmp_path):
+    """A tensor whose dtype one side's code does not state (an opaque op's result) still pairs."""
+    before = triton_code()
+    after = triton_code(noop=False).replace("assert_size_stride(buf2, (16, 128), (128, 1))", "")
+    report = offline_diff(*(_write_ranks(tmp_path / n, {0: c}) for n, c in (("b", before), ("a", after))))
+    gathers = [m for m in report.kernel_diff if m.after is not None and "all_gather" in m.after.name]
+    assert gathers[0].before.collective["tensors"] == ["(16, 128):?"]
+    assert gathers[0].after.collective["tensors"] == ["?:?"]
+    assert gathers[0].status == "unchanged" and report.collectives()["ok"]

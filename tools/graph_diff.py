@@ -109,6 +109,11 @@ def _collective_key(k: Kernel) -> tuple:
     return (k.name, tuple(c.get("args", ())), tuple(c.get("tensors", ())))
 
 
+def _compatible(x: str, y: str) -> bool:
+    """Two `shape:dtype` descriptions agree where both sides state them ("?" = not stated)."""
+    return all(a == b or "?" in (a, b) for a, b in zip(x.rsplit(":", 1), y.rsplit(":", 1)))
+
+
 def _pair_collectives(before: list[Kernel], after: list[Kernel]) -> dict[int, tuple[str, int]]:
     """Collectives of each compiled graph paired in launch order by op (difflib on the op
     sequence): same op, arguments and tensor shapes -> unchanged, same op otherwise -> changed.
@@ -123,7 +128,7 @@ def _pair_collectives(before: list[Kernel], after: list[Kernel]) -> dict[int, tu
                 b, a = before[bi[block.a + j]], after[ai[block.b + j]]
                 kb, ka = _collective_key(b), _collective_key(a)
                 same = kb[:2] == ka[:2] and len(kb[2]) == len(ka[2]) and all(
-                    x == y or x.startswith("?") or y.startswith("?") for x, y in zip(kb[2], ka[2]))
+                    _compatible(x, y) for x, y in zip(kb[2], ka[2]))
                 pairs[ai[block.b + j]] = ("unchanged" if same else "changed", bi[block.a + j])
     return pairs
 
