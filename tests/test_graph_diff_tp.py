@@ -453,3 +453,13 @@ def test_unstated_shape_or_dtype_is_not_a_change(tmp_path):
     assert gathers[0].before.collective["tensors"] == ["(16, 128):?"]
     assert gathers[0].after.collective["tensors"] == ["?:?"]
     assert gathers[0].status == "unchanged" and report.collectives()["ok"]
+
+
+def test_rank_placeholder_in_output_paths(tmp_path, capsys):
+    before = _write_ranks(tmp_path / "before", {0: triton_code(), 1: triton_code()})
+    after = _write_ranks(tmp_path / "after", {0: triton_code(noop=False), 1: triton_code(noop=False)})
+    assert cli_main(["graph-diff", before, after, "--rank", "1", "--json", str(tmp_path / "d_{rank}.json")]) == 0
+    assert cli_main(["graph-diff", before, after, "--json", str(tmp_path / "d_{rank}.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "d_1.json").read_text())["rank"] == "1"
+    assert set(json.loads((tmp_path / "d_all.json").read_text())["ranks"]) == {"0", "1"}

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None,
                         help="compile with dynamic shapes (default: torch.compile's choice)")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('{rank}' in PATH: the rank of a "
+                        "live run under torchrun, or of --rank)")
     parser.add_argument("--svg", metavar="PATH", help="write a picture of the diff (SVG): FX graph (live mode), kernels as dataflow")
     parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     parser.add_argument("--rtol", type=float, default=None, help="output comparison rtol (default: per dtype)")
@@ -128,6 +129,11 @@ def main(args: argparse.Namespace, config) -> int:
     if args.show:
         _show(report, args.show, console)
     try:
+        # under torchrun every rank writes: `--json diff_rank{rank}.json` keeps them apart
+        for name in ("json", "svg", "html"):
+            path = getattr(args, name)
+            if path and "{rank}" in path:
+                setattr(args, name, path.replace("{rank}", report.rank if report.rank is not None else "all"))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report.to_dict(), f, indent=2, default=str)
