@@ -463,3 +463,26 @@ def test_rank_placeholder_in_output_paths(tmp_path, capsys):
     capsys.readouterr()
     assert json.loads((tmp_path / "d_1.json").read_text())["rank"] == "1"
     assert set(json.loads((tmp_path / "d_all.json").read_text())["ranks"]) == {"0", "1"}
+
+
+def test_live_graph_diff_under_torchrun(tmp_path):
+    """`torchrun ... fusewright graph-diff tp_example:tp_layer`: each rank compiles its shard,
+    diffs it (FX collective check included) and writes its own report."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fusewright",
+           "graph-diff", "fusewright.tools.tp_example:tp_layer", "--device", "cpu", "--expect-no-noop",
+           "--json", str(tmp_path / "live_{rank}.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in ("0", "1"):
+        d = json.loads((tmp_path / f"live_{rank}.json").read_text())
+        assert d["rank"] == rank and d["mode"] == "live"
+        assert d["rewrites"] == {"fuse_norm_quant": 2, "rewrite_rope": 0, "eliminate_noop_casts": 1}
+        assert d["numerics"]["bitwise"] is True
+        assert d["collectives"] == {**d["collectives"], "ok": True, "problems": [], "before_count": 4,
+                                    "after_count": 4, "unchanged": 4}
+        assert {k["rank"] for k in d["after"]["kernels"]} == {rank}

@@ -120,3 +120,32 @@ def full_layer(hidden: int = 128, heads: int = 4, intermediate: int = 256, seed:
         layer.input_norm.normal_(1, 0.1)
         layer.post_norm.normal_(1, 0.1)
     return layer.to(torch.bfloat16).eval()
+
+
+def tp_layer(device: str | None = None):
+    """graph-diff factory for a run under torchrun: this rank's shard of a small layer and its input.
+
+        torchrun --nproc-per-node 2 -m fusewright graph-diff fusewright.tools.tp_example:tp_layer \\
+            --json diff_rank{rank}.json
+
+    Initialises the default process group from torchrun's environment (gloo on CPU, NCCL
+    on CUDA) unless one exists; every rank gets the same input.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RuntimeError("tp_layer: run under torchrun (RANK and WORLD_SIZE unset)")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
+    layer = full_layer(128, heads=4, intermediate=256, kv_heads=2, device=device).shard(rank, world)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(16, 128, dtype=torch.bfloat16, device=device, generator=gen)
+    return layer, (x,)
