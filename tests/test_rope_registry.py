@@ -113,8 +113,8 @@ def test_vendor_first_in_priority_is_used_and_graph_diff_shows_it(vendor, wan_of
     assert as_dict["numerics"]["bitwise"] is True
     out = io.StringIO()
     print_report(report, Console(file=out, width=250, color_system=None))
-    # (the table's cell; "[interleaved]" may be taken for rich markup by the renderer)
-    assert "-> vendor (priority vendor,aten) x2" in out.getvalue()
+    # the table's cell, brackets kept (the renderer escapes pass text for rich markup)
+    assert "rope[interleaved] -> vendor (priority vendor,aten) x2" in out.getvalue()
 
 
 def test_vendor_that_does_not_support_the_call_falls_through_with_its_reason(vendor):

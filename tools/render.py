@@ -13,6 +13,7 @@ import html
 from typing import Any
 
 import networkx as nx
+from rich.markup import escape
 
 from .fx_diff import ADDED, REMOVED, UNCHANGED, GraphDiff
 from .graph_diff import GraphDiffReport, kernel_graphs
@@ -113,7 +114,7 @@ def _print_one(report: GraphDiffReport, console, verbose: bool = False) -> None:
         if n.ok is None:
             console.print("outputs: not compared")
         else:
-            verdict = "[green]agree[/]" if n.ok else f"[red]DIFFER[/] ({n.detail})"
+            verdict = "[green]agree[/]" if n.ok else f"[red]DIFFER[/] ({escape(str(n.detail))})"
             console.print(f"outputs: {verdict}; max abs diff {n.max_abs_diff:g}"
                           + ("; bitwise equal" if n.bitwise else ""))
 
@@ -127,7 +128,7 @@ def _noop_cell(k) -> str:
     if k is None:
         return ""
     if k.is_noop:
-        return f"[bold red]no-op[/] {k.noop_reason or ''}"
+        return f"[bold red]no-op[/] {escape(k.noop_reason or '')}"
     if k.movement:
         return f"[yellow]{k.movement}[/]"
     if k.noop_stores:
@@ -146,12 +147,15 @@ def _print_passes(report: GraphDiffReport, console) -> None:
     for col in ("pass", "matched", "rewritten", "skipped", "lowered to (why) / variants"):
         table.add_column(col, overflow="fold")
     for name, stats in passes.items():
-        reasons = "; ".join(sorted({s["reason"] for s in stats.get("skipped", [])}))[:200]
+        # free text from the passes ("rope[interleaved] -> aten"): escaped, or rich reads
+        # the brackets as markup and drops them
+        reasons = escape("; ".join(sorted({s["reason"] for s in stats.get("skipped", [])}))[:200])
         skipped = f"{len(stats.get('skipped', []))}" + (f" ({reasons})" if reasons else "")
         errors = stats.get("errors") or []
         # The passes record what each match was lowered to, and why, as detail strings
         # (lowering/registry.py Choice.detail; variant names for the other passes).
-        details = "; ".join(f"{detail} x{count}" for detail, count in sorted((stats.get("details") or {}).items()))
+        details = escape("; ".join(f"{detail} x{count}"
+                                   for detail, count in sorted((stats.get("details") or {}).items())))
         table.add_row(name, str(stats.get("matched", 0)), str(stats.get("rewritten", 0)),
                       skipped + (f" [red]{len(errors)} failed[/]" if errors else ""), details)
     console.print(table)
