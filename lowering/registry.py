@@ -322,11 +322,24 @@ def unregister(op: str, name: str) -> None:
         _impls[semantic_op(op).name].pop(name, None)
 
 
+def _order_key(item: tuple[int, Implementation]) -> tuple[int, int]:
+    # Built-ins in BUILTIN_LOWERING_MODULES order, then everything else as registered.
+    # Registration order alone depends on which built-in module a process imports first
+    # (its `register` call loads the others before its own line runs).
+    seq, impl = item
+    module = impl.module
+    if module in BUILTIN_LOWERING_MODULES:
+        return (BUILTIN_LOWERING_MODULES.index(module), seq)
+    return (len(BUILTIN_LOWERING_MODULES), seq)
+
+
 def implementations(op: str) -> dict[str, Implementation]:
-    """Name -> implementation for `op`, in registration order."""
+    """Name -> implementation for `op`: the built-ins in a fixed order, then the others in
+    registration order."""
     _load_builtins()
     with _lock:
-        return dict(_impls[semantic_op(op).name])
+        items = list(_impls[semantic_op(op).name].values())
+    return {impl.name: impl for _, impl in sorted(enumerate(items), key=_order_key)}
 
 
 def implementation_names(op: str) -> tuple[str, ...]:

@@ -162,6 +162,20 @@ def test_priority_with_nothing_applicable_says_why():
     assert choice.impl is None and choice.reason.startswith("triton: the Triton kernel runs on CUDA")
 
 
+@pytest.mark.parametrize("first", ["rms_norm_aten", "rms_norm_ops", "rope_lowering", "norm_quant_ops"])
+def test_builtin_order_and_uuid_do_not_depend_on_which_module_is_imported_first(first):
+    import subprocess
+    import sys
+
+    code = (f"import fusewright.lowering.{first}\n"
+            "from fusewright.lowering import registry\n"
+            "print({op: registry.implementation_names(op) for op in registry.SEMANTIC_OPS}, registry.uuid())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = {op: registry.implementation_names(op) for op in registry.SEMANTIC_OPS}
+    assert out.stdout.strip() == f"{names} {registry.uuid()}"
+
+
 def test_builtin_implementations_are_registered_for_every_op():
     names = {op: registry.implementation_names(op) for op in registry.SEMANTIC_OPS}
     assert names["rms_norm"] == ("aten", "triton") and names["fused_add_rms_norm"] == ("aten", "triton")
