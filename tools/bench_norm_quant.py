@@ -26,6 +26,7 @@ import sys
 import torch
 
 from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
+from .cuda_graph import capture as capture_graph
 
 HELP = "fused RMSNorm+quant kernels vs stock Inductor"
 
@@ -85,7 +86,7 @@ class Timer:
         Triton launch with ~60 arguments can take 100+ µs of Python; the first H100 run of
         this bench measured that instead of the kernel). A graph replay costs the host
         ~10 µs, hidden behind the flush and a GPU sleep."""
-        g = self._capture(fn, 1)
+        g = capture_graph(fn, 1)
         times = []
         for _ in range(self.reps):
             self.flush.zero_()
@@ -99,26 +100,9 @@ class Timer:
             times.append(a.elapsed_time(b) * 1e3)
         return statistics.median(times)
 
-    @staticmethod
-    def _capture(fn, calls: int) -> "torch.cuda.CUDAGraph":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        return g
-
     def graph(self, fn, calls: int = 20) -> float:
         """µs per call of `fn`, `calls` of them captured in one CUDA graph (median of replays)."""
-        g = self._capture(fn, calls)
+        g = capture_graph(fn, calls)
         times = []
         for _ in range(self.reps):
             a = torch.cuda.Event(enable_timing=True)
