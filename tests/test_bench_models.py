@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from fusewright.tools import bench, bench_models
+from fusewright.tools import bench, bench_models, bench_models_layers
 from fusewright.tools.output_code import Kernel
 
 # FP8 rounding: a norm output rounded differently by one bf16 ulp can move a value to the
@@ -103,7 +103,7 @@ def test_cases_put_large_shapes_first():
 
 def test_deepseek_act_quant_matches_blockwise_math():
     x = torch.randn(4, 256, dtype=torch.bfloat16) * 3
-    q, s = bench_models.deepseek_act_quant(x)
+    q, s = bench_models_layers.deepseek_act_quant(x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (4, 2)
     blocks = x.float().view(4, 2, 128)
     want_s = blocks.abs().amax(-1).clamp(min=1e-4) / 448.0
@@ -114,10 +114,10 @@ def test_deepseek_act_quant_matches_blockwise_math():
 
 def test_group_gemm_reference_is_the_dequantized_product():
     torch.manual_seed(0)
-    mod = bench_models.DeepSeekQPath(256, 2, 192)
+    mod = bench_models_layers.DeepSeekQPath(256, 2, 192)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    q, s = bench_models.deepseek_act_quant(x)
-    out = bench_models.fp8_group_gemm(q, s, mod.weight_fp8, mod.weight_scale)
+    q, s = bench_models_layers.deepseek_act_quant(x)
+    out = bench_models_layers.fp8_group_gemm(q, s, mod.weight_fp8, mod.weight_scale)
     w = mod.weight_fp8.float().view(3, 128, 2, 128) * mod.weight_scale.view(3, 1, 2, 1)
     a = q.float().view(3, 2, 128) * s.view(3, 2, 1)
     want = a.reshape(3, 256).to(torch.bfloat16).float() @ w.reshape(384, 256).to(torch.bfloat16).float().t()
@@ -130,11 +130,11 @@ def test_wan_block_matches_diffusers():
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
     torch.manual_seed(0)
-    ours = bench_models.WanSelfAttention(256, 2).to(torch.bfloat16).eval()
+    ours = bench_models_layers.WanSelfAttention(256, 2).to(torch.bfloat16).eval()
     theirs = WanAttention(256, heads=2, dim_head=128, eps=1e-6, processor=WanAttnProcessor()).to(torch.bfloat16).eval()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, 24, 256, dtype=torch.bfloat16)
-    cos, sin = bench_models.wan_rope_tables(24, 128)
+    cos, sin = bench_models_layers.wan_rope_tables(24, 128)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, cos, sin), theirs(x, rotary_emb=(cos, sin)), rtol=0, atol=0)
 
