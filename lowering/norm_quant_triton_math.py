@@ -101,7 +101,7 @@ _UE8M0_M = tl.constexpr(0x2C160B0502010000)  # a jit global must be a constexpr
 
 
 @triton.jit
-def _exp2_int_f32(x):
+def _floor_log2_int(x):
     """floor(log2 x) of positive integer-valued f32 x (< 2^24), from its exponent bits."""
     return (x.to(tl.int32, bitcast=True) >> 23) - 127
 
@@ -120,12 +120,12 @@ def _ue8m0_f32(s):
     eb = bits >> 23
     m = bits & 0x7FFFFF
     # subnormal s = m 2^-149: normalise m to 1.f with p = floor(log2 m)
-    p = _exp2_int_f32(tl.maximum(m, 1).to(tl.float32))
+    p = _floor_log2_int(tl.maximum(m, 1).to(tl.float32))
     sub = eb == 0
     e = tl.where(sub, p - 149, eb - 127)
     mm = tl.where(sub, (m - (1 << p)) << (23 - p), m)
     ae = tl.abs(e)
-    fl = _exp2_int_f32(tl.maximum(ae, 1).to(tl.float32))
+    fl = _floor_log2_int(tl.maximum(ae, 1).to(tl.float32))
     pow2 = (ae & (ae - 1)) == 0
     j = tl.where(e > 0, fl, tl.where(pow2, fl - 1, fl))
     mmax = tl.where(j >= 0, (_UE8M0_M >> (8 * tl.maximum(j, 0)).to(tl.int64)) & 0xFF, 0)
