@@ -7,9 +7,10 @@ table sliced inline from a full-width one has stride 2 along D/2), so one kernel
 Wan's inline-sliced full tables as well as per-token half tables. Outputs are
 contiguous.
 
-Programs form a 2-D grid: axis 0 walks blocks of BLOCK_T tokens (a token is one
-(d0, d1) position), axis 1 walks head blocks of q and then of k, so q and k share one
-launch and neither needs padding to the other's head count. Each program moves
+Each program takes one (token block, head block) pair: BLOCK_T tokens (a token is one
+(d0, d1) position) by BLOCK_H heads of q or of k, so q and k share one launch and
+neither needs padding to the other's head count. The grid is 1-D, head blocks
+innermost. Each program moves
 BLOCK_T x BLOCK_H rows of D elements: full rows are loaded contiguously (128-bit
 accesses) and the pairs are separated in registers (split/join) for the interleaved
 layout; the neox layout loads the two halves as two contiguous runs.
@@ -31,14 +32,19 @@ import triton.language as tl
 
 def _rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr,
-    n_tok, T1, HQ, HK, NQB,
+    n_tok, T1, HQ, HK, NQB, NHB,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2,
     c_s0, c_s1, c_s2, c_s3, s_s0, s_s1, s_s2, s_s3,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     INTERLEAVED: tl.constexpr, TABLE_PER_HEAD: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    # Consecutive programs take the head blocks of one token block, q's then k's, so the
+    # programs in flight sweep q and k front to back as a flat copy does. (Token blocks
+    # innermost, the earlier order, made them stride through memory 5120 elements apart
+    # and cost 20% at S = 75600: docs/benchmarks.md.)
+    pid = tl.program_id(0)
+    pid_t = pid // NHB
+    pid_h = pid % NHB
     is_q = pid_h < NQB
     # Select q or k by value rather than by branch: both branches would otherwise have
     # to agree on the types of specialised (constexpr) strides.
@@ -116,12 +122,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Elements (of x) per program, warps per program, heads per program. The fastest of the
+# Elements (of x) per program, warps per program, heads per program: the fastest of the
 # 16 configurations `fusewright bench rope --sweep` compared on an H100 at S=75600
-# (docs/benchmarks.md): every BLOCK_H=8 configuration was within 2.5% of it, BLOCK_H=4
-# ones about 20% slower.
-ELEMS_PER_PROGRAM = 2048
-NUM_WARPS = 8
+# (docs/benchmarks.md, session 3); with 4 warps every BLOCK_H=8 configuration was within
+# 1% of it, BLOCK_H=4 ones 1-3% slower, 8 warps up to 5% slower.
+ELEMS_PER_PROGRAM = 1024
+NUM_WARPS = 4
 MAX_BLOCK_H = 8
 
 
@@ -134,8 +140,9 @@ def launch_config(n_tok: int, hq: int, hk: int, half: int,
     block_t = min(block_t, _next_pow2(max(1, n_tok)))
     nqb = triton.cdiv(hq, block_h)
     nkb = triton.cdiv(hk, block_h) if hk else 0
+    ntb = triton.cdiv(n_tok, block_t)
     return dict(BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb,
-                grid=(triton.cdiv(n_tok, block_t), nqb + nkb))
+                NHB=nqb + nkb, NTB=ntb, grid=(ntb * (nqb + nkb),))
 
 
 def launch(kernel, q, qo, k, ko, cos, sin, *, interleaved: bool, elems: int | None = None,
@@ -158,7 +165,7 @@ def launch(kernel, q, qo, k, ko, cos, sin, *, interleaved: bool, elems: int | No
     per_head = hq > 1 and (cos.stride(2) != 0 or sin.stride(2) != 0)
     kernel[cfg["grid"]](
         q, qo, k, ko, cos, sin,
-        n_tok, d1, hq, hk, cfg["NQB"],
+        n_tok, d1, hq, hk, cfg["NQB"], cfg["NHB"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         *cos.stride(), *sin.stride(),
         HALF=half, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],

@@ -70,10 +70,27 @@ def test_per_head_tables(interpret):
 
 def test_launch_config_covers_every_head_and_token():
     cfg = rope_triton.launch_config(n_tok=75600, hq=40, hk=40, half=64)
-    assert cfg["BLOCK_T"] * cfg["grid"][0] >= 75600
-    assert cfg["NQB"] * cfg["BLOCK_H"] >= 40 and cfg["grid"][1] == 2 * cfg["NQB"]
+    assert cfg["BLOCK_T"] * cfg["NTB"] >= 75600
+    assert cfg["NQB"] * cfg["BLOCK_H"] >= 40 and cfg["NHB"] == 2 * cfg["NQB"]
+    assert cfg["grid"] == (cfg["NTB"] * cfg["NHB"],)
     cfg = rope_triton.launch_config(n_tok=3, hq=5, hk=1, half=6)
-    assert cfg["BLOCK_HALF"] == 8 and cfg["BLOCK_T"] <= 4 and cfg["grid"][1] == cfg["NQB"] + 1
+    assert cfg["BLOCK_HALF"] == 8 and cfg["BLOCK_T"] <= 4 and cfg["NHB"] == cfg["NQB"] + 1
+    assert cfg["grid"] == (cfg["NTB"] * cfg["NHB"],)
+
+
+def test_blocks_that_do_not_divide_the_shape_cover_every_row(interpret):
+    # 7 tokens, 5 q heads, 3 k heads, 2 heads and 2 tokens per program: partial blocks on
+    # both axes, and k with fewer heads than q in the same launch
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 7, 5, 8, generator=g).to(BF16)
+    k = torch.randn(1, 7, 3, 8, generator=g).to(BF16)
+    cos, sin = torch.randn(1, 7, 1, 4, generator=g), torch.randn(1, 7, 1, 4, generator=g)
+    qo, ko = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    rope_triton.launch(rope_triton.interpreted_kernel(), q, qo, k, ko, cos.expand(1, 7, 5, 4),
+                       sin.expand(1, 7, 5, 4), interleaved=True, elems=32, max_block_h=2)
+    # a row no program wrote would still be NaN: a huge ulp distance
+    assert _ulps(qo, rope_ops.rope_reference(q, cos, sin, True)) <= 1
+    assert _ulps(ko, rope_ops.rope_reference(k, cos, sin, True)) <= 1
 
 
 def test_op_cpu_impl_is_the_reference_and_checks_inputs():

@@ -24,6 +24,7 @@ On CPU the same variants minus the Triton ones run with wall-clock medians.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -210,19 +211,19 @@ def sweep(seq, heads, head_dim, timer, copy_bw) -> list[dict]:
     c4, s4 = rope_ops._tables4d(fc[..., 0::2], q), rope_ops._tables4d(fs[..., 1::2], q)
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     rows = []
-    for elems in (2048, 4096, 8192, 16384):
-        for warps in (4, 8):
-            for bh in (4, 8):
-                def run():
-                    rope_triton.launch(rope_triton.rope_kernel, q, qo, k, ko, c4, s4, interleaved=True,
-                                       elems=elems, num_warps=warps, max_block_h=bh, fp_fusion=False)
-                try:
-                    us = timer(run)
-                except Exception as exc:  # a configuration the compiler rejects
-                    rows.append(dict(elems=elems, num_warps=warps, max_block_h=bh, error=str(exc)[:200]))
-                    continue
-                rows.append(dict(elems=elems, num_warps=warps, max_block_h=bh, us=us,
-                                 pct_copy_limit=100.0 * min_bytes(seq, heads, head_dim) / (us * 1e-6) / copy_bw))
+    for elems, warps, bh in itertools.product((1024, 2048, 4096, 8192), (4, 8), (4, 8)):
+        cfg = dict(elems=elems, num_warps=warps, max_block_h=bh)
+
+        def run():
+            rope_triton.launch(rope_triton.rope_kernel, q, qo, k, ko, c4, s4, interleaved=True,
+                               fp_fusion=False, **cfg)
+        try:
+            us = timer(run)
+        except Exception as exc:  # a configuration the compiler rejects
+            rows.append(dict(cfg, error=str(exc)[:200]))
+            continue
+        rows.append(dict(cfg, us=us,
+                         pct_copy_limit=100.0 * min_bytes(seq, heads, head_dim) / (us * 1e-6) / copy_bw))
     return rows
 
 
