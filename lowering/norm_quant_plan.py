@@ -52,10 +52,14 @@ def _tuning_table(path: str) -> dict:
 def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     """Key of the tile table: register pressure differs between per-token kinds (the whole
     normalised row stays live until its amax is known) and the chunk-local ones (static,
-    per group), and with a residual (two inputs, one more output)."""
+    per group), and with a residual (two inputs, one more output). Column-major group scales
+    get their own family: a row's scales land T elements apart, so rows per program decide
+    whether the scale stores coalesce."""
     fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
     if spec.norm.residual != "none":
         fam += "+res"
+    if spec.quant.kind == "fp8_per_group" and spec.quant.col_major:
+        fam += "+col"
     return f"{fam}/{hidden}/{size_class(m)}"
 
 
@@ -68,10 +72,12 @@ def size_class(m: int | None) -> str:
 
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
-    size, else (a residual family not measured) the family without the residual."""
+    size, else (a residual or col-major family not measured) the family without it."""
     fam, hidden, size = key.split("/")
     sizes = ("mid", "large") if size == "mid" else (size,)
-    for f, sz in ((f, sz) for f in (fam, fam.replace("+res", "")) for sz in sizes):
+    fams = dict.fromkeys((fam, fam.replace("+col", ""), fam.replace("+res", ""),
+                          fam.replace("+col", "").replace("+res", "")))
+    for f, sz in ((f, sz) for f in fams for sz in sizes):
         cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
                  if k.split("/")[0] == f and k.split("/")[2] == sz]
         if cands:

@@ -56,7 +56,7 @@ def test_shipped_tables_are_well_formed():
         tuning = json.load(f)["configs"]
     for key, cfg in tuning.items():
         fam, hidden, size = key.split("/")
-        assert fam in ("token", "local", "token+res", "local+res") and size in ("small", "mid", "large")
+        assert fam in ("token", "local", "token+res", "local+res", "local+col") and size in ("small", "mid", "large")
         p = nqt.plan(_spec(), int(hidden), dict(cfg), m={"small": 64, "mid": 4096, "large": 16384}[size])
         assert p["CH"] * p["NCH"] >= int(hidden)
 
@@ -87,6 +87,27 @@ def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_pat
         p = nqt.plan(_spec(), 8192, m=4096)
         assert (p["CH"], p["num_warps"], p["PERSIST"]) == (2048, 8, 0)
         assert nqt.plan(_spec(), 8192, m=16384)["PERSIST"] == 2
+    finally:
+        nqt._tuning_table.cache_clear()
+
+
+def test_col_major_groups_have_their_own_family_and_fall_back(monkeypatch, tmp_path):
+    col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10)
+    row = _spec("fp8_per_group", group_size=64, apply="div", floor=1e-10)
+    assert nqt.tuning_key(col, 4096, 4096) == "local+col/4096/mid"
+    assert nqt.tuning_key(row, 4096, 4096) == "local/4096/mid"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": {"local/4096/mid": {"CH": 2048, "num_warps": 8},
+                                            "local+col/4096/mid": {"CH": 512, "num_warps": 8, "ROWS": 8}}}))
+    monkeypatch.setenv(nqt.ENV_TUNING, str(path))
+    nqt._tuning_table.cache_clear()
+    try:
+        assert nqt.plan(col, 4096, m=4096)["ROWS"] == 8
+        assert nqt.plan(row, 4096, m=4096)["ROWS"] == 1
+        # a col-major spec with a residual, never measured: the col-major entry, not the row one
+        res_col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10,
+                        residual="input_dtype")
+        assert nqt.plan(res_col, 4096, m=4096)["ROWS"] == 8
     finally:
         nqt._tuning_table.cache_clear()
 

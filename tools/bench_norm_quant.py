@@ -3,7 +3,7 @@
 For each variant and shape: the Triton kernel (`lowering/norm_quant_triton.launch`) and
 stock Inductor compiling the unfused graph (the pure-torch reference of the same spec,
 i.e. the eager spelling), measured in the same process. Large token counts: L2 flushed
-before every repetition (a 256 MB write), CUDA events around one call replayed from a
+before every repetition (a 256 MB buffer read, `--flush`), CUDA events around one call replayed from a
 CUDA graph (so host launch overhead is not timed), median.
 Token counts <= 256: 20 calls captured in one CUDA graph, replayed, time per call (the
 launch-bound regime a decode step runs in). The limit is the variant's minimum bytes
@@ -73,10 +73,32 @@ def min_bytes(spec: NormQuantSpec, T: int, H: int) -> int:
 
 
 # ------------------------------------------------------------------ timing
+FLUSH_MODES = ("read", "write")
+
+
 class Timer:
-    def __init__(self, reps: int = 30):
+    """CUDA-event timing of graph replays.
+
+    `flush` says how L2 is emptied before each `hbm` call. "write" zeroes a 256 MB buffer
+    (what `triton.testing.do_bench` does): L2 is then full of *dirty* lines, which the
+    timed kernel must write back to HBM as it evicts them, up to 50 MB of extra traffic
+    that is not its own; at tens of MB per call that is a large share of the time. "read"
+    (the default) sums the buffer instead, so L2 holds clean lines and the kernel is
+    charged for its own bytes only."""
+
+    def __init__(self, reps: int = 30, flush: str = "read"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {FLUSH_MODES}, got {flush!r}")
         self.reps = reps
-        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        self.flush_mode = flush
+        self.flush = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        self._copies: dict[int, float] = {}
+
+    def _flush(self) -> None:
+        if self.flush_mode == "write":
+            self.flush.zero_()
+        else:
+            self.flush.view(torch.int32).sum()
 
     def hbm(self, fn) -> float:
         """Median µs of one call of `fn`, L2 flushed before each call.
@@ -89,7 +111,7 @@ class Timer:
         g = capture_graph(fn, 1)
         times = []
         for _ in range(self.reps):
-            self.flush.zero_()
+            self._flush()
             torch.cuda._sleep(100_000)
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)
@@ -113,6 +135,19 @@ class Timer:
             b.synchronize()
             times.append(a.elapsed_time(b) * 1e3 / calls)
         return statistics.median(times)
+
+
+    def copy_us(self, nbytes: int) -> float:
+        """µs of an elementwise bf16 copy (`torch.neg(out=)`) moving `nbytes` (read + write),
+        timed as `hbm` times a kernel: the practical limit for a kernel that moves that many
+        bytes, fixed costs (launch, ramp-up, tail) included. Cached per size."""
+        n = max(1, nbytes // 4)
+        if n not in self._copies:
+            a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            b = torch.empty_like(a)
+            self._copies[n] = self.hbm(lambda: torch.neg(a, out=b))
+            del a, b
+        return self._copies[n]
 
 
 def copy_bandwidth(timer: Timer, detail: dict | None = None) -> float:
@@ -164,12 +199,18 @@ def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H
     lim = min_bytes(spec, T, H) / bw * 1e6
     row["limit_us"] = round(lim, 2)
     row["triton_pct_of_limit"] = round(100 * lim / ours, 1)
+    if not small:
+        same = timer.copy_us(min_bytes(spec, T, H))
+        row["copy_same_bytes_us"] = round(same, 2)
+        row["triton_pct_of_same_bytes_copy"] = round(100 * same / ours, 1)
     if inductor:
         torch._dynamo.reset()
         cf = _inductor_fn(spec)
         theirs = measure(lambda: cf(*args))
         row["inductor_us"] = round(theirs, 2)
         row["inductor_pct_of_limit"] = round(100 * lim / theirs, 1)
+        if not small:
+            row["inductor_pct_of_same_bytes_copy"] = round(100 * row["copy_same_bytes_us"] / theirs, 1)
         row["speedup"] = round(theirs / ours, 3)
     return row
 
@@ -179,29 +220,55 @@ SMALL_SHAPES = [(T, 7168) for T in (1, 16, 64, 256)] + [(T, 4096) for T in (1, 1
 QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
 # --sweep: tile configs per family (lowering/norm_quant_triton.tuning_key) and hidden size;
 # the fastest goes into the tuning table (--write-tuning, shipped as norm_quant_tuning.json)
-SWEEP_FAMILIES = {"token": "token", "local": "group128", "local+res": "add_group128", "token+res": "add_token"}
+SWEEP_FAMILIES = {"token": "token", "local": "group128", "local+res": "add_group128", "token+res": "add_token",
+                  "local+col": "group64_col"}
 SWEEP_H = {"token": (4096, 5120, 7168, 8192), "local": (4096, 5120, 7168, 8192), "local+res": (4096, 7168),
-           "token+res": (4096, 7168)}
+           "token+res": (4096, 7168), "local+col": (4096, 7168)}
+SWEEP_SIZES = ("large", "mid", "small")
 # PERSIST = programs per SM of the persistent variant (same compiled kernel for any count)
 # (the session-1 sweep's winners were CH 1024 / 4 warps and CH 2048 / 8 warps everywhere;
-# the persistent variant never won at T = 16384 and stays in for T = 4096, the "mid" class)
+# the persistent variant never won at T = 16384)
 SWEEP_LARGE = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 2048, "num_warps": 8},
                {"CH": 2048, "num_warps": 16}, {"CH": 1024, "num_warps": 4, "PERSIST": 4}]
+# T = 4096 is a few waves of programs: ramp-up and the last wave weigh more, so smaller and
+# larger programs, several rows per program (col-major scales: the scales of consecutive rows
+# are adjacent) and persistent loops all get a chance
+SWEEP_MID = SWEEP_LARGE + [
+    {"CH": 512, "num_warps": 2}, {"CH": 512, "num_warps": 4}, {"CH": 1024, "num_warps": 2},
+    {"CH": 2048, "num_warps": 4}, {"CH": 4096, "num_warps": 8}, {"CH": 4096, "num_warps": 16},
+    {"CH": 1024, "num_warps": 4, "PERSIST": 2}, {"CH": 1024, "num_warps": 4, "PERSIST": 8},
+    {"CH": 2048, "num_warps": 8, "PERSIST": 2}, {"CH": 2048, "num_warps": 8, "PERSIST": 4},
+    {"CH": 1024, "num_warps": 4, "WPRE": 1}, {"CH": 2048, "num_warps": 8, "WPRE": 1},
+    {"CH": 1024, "num_warps": 8, "ROWS": 2}, {"CH": 512, "num_warps": 4, "ROWS": 4},
+    {"CH": 512, "num_warps": 8, "ROWS": 8},
+]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
                {"CH": 2048, "num_warps": 8}, {"CH": 2048, "num_warps": 16}]
+SWEEP_AT = {"large": (16384, SWEEP_LARGE), "mid": (4096, SWEEP_MID), "small": (64, SWEEP_SMALL)}
 
 
 def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, env: dict,
-          hidden: list[int] | None = None) -> list[dict]:
+          hidden: list[int] | None = None, sizes: tuple[str, ...] = SWEEP_SIZES) -> list[dict]:
+    """Time each tile config per family, hidden size and size class; with `out_path`, the
+    fastest go into that tuning table. Entries of an existing table that this sweep did not
+    measure are kept, so one size class or hidden size can be re-swept on its own."""
     vs = variants()
-    rows, table = [], {}
+    rows = []
+    table = {}
+    if out_path:
+        try:
+            with open(out_path) as f:
+                table = json.load(f).get("configs", {})
+        except FileNotFoundError:
+            pass
 
     def best_of(fam, name, T, H, cfgs):
         best = None
         for cfg in cfgs:
+            cfg = {"ROWS": 1, **cfg}
             try:
-                row = bench_one(timer, bw, name, vs[name], T, H, dict(cfg, ROWS=1), inductor=False)
+                row = bench_one(timer, bw, name, vs[name], T, H, cfg, inductor=False)
             except Exception as exc:  # a config that does not compile is a result, not a crash
                 print(f"{name} T={T} H={H} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
@@ -209,22 +276,18 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
             rows.append(row)
             _print_table([row])
             if best is None or row["triton_us"] < best[0]:
-                best = (row["triton_us"], dict(cfg, ROWS=1))
+                best = (row["triton_us"], cfg)
         return best
 
     for fam in families:
         name = SWEEP_FAMILIES[fam]
-        for H in hidden or SWEEP_H[fam]:
-            best = best_of(fam, name, 16384, H, SWEEP_LARGE)
-            if best:
-                table[f"{fam}/{H}/large"] = dict(best[1], us=best[0], measured_at="T=16384")
-            best = best_of(fam, name, 4096, H, SWEEP_LARGE)  # same kernels: only timing
-            if best:
-                table[f"{fam}/{H}/mid"] = dict(best[1], us=best[0], measured_at="T=4096")
-        for H in hidden or SWEEP_SMALL_H:
-            best = best_of(fam, name, 64, H, SWEEP_SMALL)
-            if best:
-                table[f"{fam}/{H}/small"] = dict(best[1], us=best[0], measured_at="T=64")
+        for size in sizes:
+            T, cfgs = SWEEP_AT[size]
+            for H in hidden or (SWEEP_SMALL_H if size == "small" else SWEEP_H[fam]):
+                best = best_of(fam, name, T, H, cfgs)
+                if best:
+                    table[f"{fam}/{H}/{size}"] = dict(best[1], us=best[0], measured_at=f"T={T}",
+                                                      run=env.get("date"), l2_flush=env.get("l2_flush"))
         if out_path:  # written after each family, so a cut-off sweep still leaves a table
             with open(out_path, "w") as f:
                 json.dump({"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
@@ -234,13 +297,15 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
 
 
 def _print_table(rows: list[dict]) -> None:
-    hdr = f"{'variant':20s} {'T':>6s} {'H':>5s} {'triton us':>10s} {'%lim':>6s} {'inductor us':>12s} {'%lim':>6s} {'speedup':>8s}  plan"
+    hdr = (f"{'variant':20s} {'T':>6s} {'H':>5s} {'triton us':>10s} {'%lim':>6s} {'%copy':>6s} "
+           f"{'inductor us':>12s} {'%lim':>6s} {'speedup':>8s}  plan")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         p = r.get("plan", {})
         ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')} regs{p.get('n_regs')} spill{p.get('n_spills')}"
         print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
+              f"{r.get('triton_pct_of_same_bytes_copy', float('nan')):6.1f} "
               f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
               f"{r.get('speedup', float('nan')):8.3f}  {ptxt}", flush=True)
 
@@ -256,12 +321,18 @@ def environment(bw: float) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(variants()))
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--flush", choices=FLUSH_MODES, default="read",
+                        help="how L2 is emptied before each large-T call: read a 256 MB buffer "
+                             "(default: L2 left clean) or write it (L2 left dirty, as do_bench does)")
     parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
     parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (no Inductor)")
     parser.add_argument("--families", default="token,local,local+res", help="--sweep: families to tune")
     parser.add_argument("--sweep-hidden", default=None,
                         help="--sweep: comma-separated hidden sizes instead of the default ones (e.g. 1536)")
-    parser.add_argument("--write-tuning", metavar="PATH", help="--sweep: write the best plans as a tuning table")
+    parser.add_argument("--sweep-sizes", default=",".join(SWEEP_SIZES),
+                        help="--sweep: size classes to tune (large: T=16384, mid: T=4096, small: T=64)")
+    parser.add_argument("--write-tuning", metavar="PATH",
+                        help="--sweep: write the best plans into this tuning table (entries not swept are kept)")
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
@@ -310,6 +381,13 @@ def main(args: argparse.Namespace, config=None) -> int:
             print("--write-choice needs bench JSON files and an output path", file=sys.stderr)
             return 2
         return write_choice(inputs, out_path)
+    if args.sweep:
+        bad = [f for f in args.families.split(",") if f not in SWEEP_FAMILIES] + \
+              [z for z in args.sweep_sizes.split(",") if z not in SWEEP_AT]
+        if bad:
+            print(f"fusewright bench norm-quant: unknown --families / --sweep-sizes {bad}; families: "
+                  f"{', '.join(SWEEP_FAMILIES)}; sizes: {', '.join(SWEEP_AT)}", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available():
         print("fusewright bench norm-quant: needs a CUDA device", file=sys.stderr)
         return 2
@@ -320,15 +398,16 @@ def main(args: argparse.Namespace, config=None) -> int:
     if unknown:
         print(f"unknown variants {unknown}; available: {', '.join(vs)}", file=sys.stderr)
         return 2
-    timer = Timer(args.reps)
+    timer = Timer(args.reps, flush=args.flush)
     copies: dict = {}
     bw = copy_bandwidth(timer, copies)
-    env = dict(environment(bw), **copies)
+    env = dict(environment(bw), l2_flush=timer.flush_mode, **copies)
     print(json.dumps(env), flush=True)
     rows = []
     if args.sweep:
         hidden = [int(h) for h in args.sweep_hidden.split(",")] if args.sweep_hidden else None
-        rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env, hidden)
+        rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env, hidden,
+                     tuple(args.sweep_sizes.split(",")))
     else:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
