@@ -97,12 +97,13 @@ SEMANTIC_OPS: dict[str, SemanticOp] = {
             "NormQuantSpec (lowering/norm_quant_spec.py); the variant is the spec string",
         ),
         SemanticOp(
-            "rope", ("x", "cos", "sin"), ("interleaved", "head_dim", "rotation"),
+            "rope", ("x", "cos", "sin"), ("interleaved", "head_dim", "rotation", "producer"),
             "o1 = x1*cos - x2*sin, o2 = x1*sin + x2*cos in f32, rounded once, written into a fresh "
             "buffer of x's shape (lowering/rope_lowering.py; `none` keeps the model's writeback)",
-            # Measured on an H100 (rope_auto.json): aten fastest at every size, and
-            # decomposable; on CPU aten, then the writeback; a backend nobody measured
-            # keeps the model's spelling.
+            # Measured on an H100 (rope_auto.json): the fused kernel wins from S=16384 on,
+            # aten is within 3% below that and decomposable (Inductor fuses x's producer
+            # into it), so ties go to aten; on CPU aten, then the writeback; a backend
+            # nobody measured keeps the model's spelling.
             rule=(("cuda", ("aten", "triton", "none")), ("cpu", ("aten", "none", "triton")),
                   ("default", ("none", "aten", "triton"))),
         ),

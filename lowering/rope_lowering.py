@@ -60,12 +60,16 @@ ROTATION_PROBLEMS = {
 }
 
 
-def op_call(x: Any, cos: Any, sin: Any, *, interleaved: bool, rotation: str) -> OpCall:
-    """The registry's description of one writeback (real, fake or TensorInfo tensors)."""
+def op_call(x: Any, cos: Any, sin: Any, *, interleaved: bool, rotation: str,
+            producer: str = "materialized") -> OpCall:
+    """The registry's description of one writeback (real, fake or TensorInfo tensors).
+
+    `producer` is context, not a property of the op: "fusible" when x is computed by ops
+    Inductor would fuse into the aten lowering (patterns.rope.x_producer)."""
     head_dim = int(x.shape[-1]) if len(x.shape) else 0
     return OpCall.make("rope", {"x": x, "cos": cos, "sin": sin},
                        variant="interleaved" if interleaved else "neox",
-                       interleaved=bool(interleaved), head_dim=head_dim, rotation=rotation)
+                       interleaved=bool(interleaved), head_dim=head_dim, rotation=rotation, producer=producer)
 
 
 # ------------------------------------------------------------------ builds
@@ -183,6 +187,13 @@ def shipped_choice_for_call(call: OpCall, device_name: str,
     candidates = tuple(candidates) or TABLE_OPTIONS
     if any(c not in TABLE_OPTIONS for c in candidates):
         return None
+    if dict(call.params).get("producer") == "fusible" and "aten" in candidates:
+        # The table times the rotation alone, from x in memory. In a graph where x is still
+        # being computed (an RMSNorm), the aten lowering lets Inductor compute norm and
+        # rotation in one kernel, and nothing the table measured applies.
+        return "aten", ("x is computed by ops Inductor fuses into the aten lowering, so the fused kernel "
+                        "would re-read it from memory (Wan2.2 attention block, H100: norm/RoPE kernel time "
+                        "cut 41.5% with aten, 29.9% with the fused kernel; docs/benchmarks.md)")
     x = call.tensor("x")
     n = _elements(x.shape) if x is not None else -1
     table = load_table()

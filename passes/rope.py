@@ -42,7 +42,7 @@ import torch.fx as fx
 from ..lowering import registry as lowering_registry
 from ..lowering import rope_aten, rope_lowering, rope_ops, rope_triton
 from ..patterns import rope as rope_patterns
-from ..patterns.rope import RopeWriteback, find_rope_writebacks
+from ..patterns.rope import RopeWriteback, find_rope_writebacks, x_producer
 from .base import GraphPass, PassContext
 from .graph_utils import insert_call, tensor_meta
 
@@ -152,7 +152,9 @@ class RewriteRopePass(GraphPass):
         else:
             # the buffer has x's shape and dtype: what the shape class and supports() need
             x, cos, sin = tensor_meta(wb.buffer), None, None
-        return rope_lowering.op_call(x, cos, sin, interleaved=interleaved, rotation=self._rotation(wb, ctx))
+        producer = x_producer(rot.x) if rot is not None else "materialized"
+        return rope_lowering.op_call(x, cos, sin, interleaved=interleaved, rotation=self._rotation(wb, ctx),
+                                     producer=producer)
 
     # ------------------------------------------------------------ aten, user implementations
     @staticmethod

@@ -54,6 +54,17 @@ _VIEWS = (
 )
 
 Layout = Literal["interleaved", "neox"]
+Producer = Literal["fusible", "materialized"]
+
+# Ops whose result is in memory whatever reads it: Inductor runs them as extern kernels
+# (GEMMs, convolutions, attention), so a consumer cannot fuse them in.
+_EXTERN = tuple(
+    getattr(aten, name) for name in (
+        "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
+    ) if hasattr(aten, name)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +154,23 @@ def _view_root(node: fx.Node) -> tuple[fx.Node, bool]:
     while is_op(node, *_VIEWS) and isinstance(node.args[0], fx.Node):
         node, through = node.args[0], True
     return node, through
+
+
+def x_producer(x: fx.Node) -> Producer:
+    """How the rotation's input x comes to be, behind any views.
+
+    "fusible": computed by aten ops that Inductor turns into generated kernels (an RMSNorm,
+    a cast, a bias add). Lowered to aten, the rotation joins that kernel and x is never
+    written to memory; a fused RoPE kernel would have to read it back.
+    "materialized": a graph input, a GEMM/convolution/attention output, a custom op or
+    anything else Inductor does not generate code for: x is read from memory either way.
+    """
+    root, _ = _view_root(x)
+    if root.op != "call_function" or not isinstance(root.target, torch._ops.OpOverload):
+        return "materialized"  # placeholders, get_attr, getitem of a tuple-returning op
+    if root.target.namespace not in ("aten", "prims") or root.target.overloadpacket in _EXTERN:
+        return "materialized"
+    return "fusible"
 
 
 def _is_copy_target(node: fx.Node) -> bool:

@@ -300,3 +300,48 @@ def test_matcher_reports_kind_split_and_rotation(wan_case):
         # the inline slices of the full-width tables: cos takes even, sin odd entries
         assert rot.cos.target is aten.slice.Tensor and rot.cos.args[2] == 0
         assert rot.sin.target is aten.slice.Tensor and rot.sin.args[2] == 1
+
+
+# ---------------------------------------------------------- what produces x
+def _normed_qk(q, k, c, s):
+    """Wan's order: RMSNorm over the heads' features, then RoPE (x is still being computed)."""
+    def norm(x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    return wan_rope(norm(q), c, s), wan_rope(norm(k), c, s)
+
+
+def _projected_qk(h, w, c, s):
+    """q straight from a linear: x is a GEMM output, in memory whatever reads it."""
+    q = (h @ w).unflatten(-1, (2, 16))
+    return (wan_rope(q, c, s),)
+
+
+def test_x_producer_tells_fusible_from_materialized():
+    from fusewright.patterns.rope import x_producer
+
+    q, k, c, s = _inputs()
+    cases = {
+        "fusible": (_normed_qk, (q, k, c, s)),
+        "materialized": (qk(wan_rope), (q, k, c, s)),  # graph inputs
+    }
+    h, w = torch.randn(1, 8, 24).to(BF16), torch.randn(24, 32).to(BF16)
+    for want, (fn, inputs) in dict(cases, gemm=(_projected_qk, (h, w, c, s))).items():
+        graph = compile_and_capture(fn, inputs, enable=False).graphs_before[0]
+        found, _ = find_rope_writebacks(graph)
+        assert found and all(wb.rotation is not None for wb in found)
+        expect = "fusible" if want == "fusible" else "materialized"
+        assert [x_producer(wb.rotation.x) for wb in found] == [expect] * len(found), want
+
+
+def test_auto_gives_aten_when_the_norm_would_fuse_into_it():
+    q, k, c, s = _inputs()
+    off = compile_and_capture(_normed_qk, (q, k, c, s), enable=False)
+    run = compile_and_capture(_normed_qk, (q, k, c, s), config={"lowering": "auto", "strict": True})
+    stats = _rope_stats(run)
+    assert _lowered(stats) == {"aten:strided": 2}
+    assert all("fuses into the aten lowering" in d for d in stats.details)
+    assert _same(run.outputs, off.outputs)
+    # asked for by name, the kernel is still used (the rule is auto's, not a veto)
+    run = compile_and_capture(_normed_qk, (q, k, c, s), config={"lowering": {"rope": "triton"}, "strict": True})
+    assert _lowered(_rope_stats(run)) == {"triton:strided": 2, "triton:launches": 1}

@@ -162,10 +162,10 @@ def test_rope_implementations_are_in_the_pass_manager_uuid():
     assert FusewrightPassManager(PassConfig()).uuid() == before
 
 
-def _cuda_call(rotation="f32"):
-    x = registry.TensorInfo((1, 4096, 40, 128), BF16, "cuda", (4096 * 40 * 128, 40 * 128, 128, 1))
-    t = registry.TensorInfo((1, 4096, 1, 64), torch.float32, "cuda", (4096 * 128, 128, 128, 2))
-    return rope_lowering.op_call(x, t, t, interleaved=True, rotation=rotation)
+def _cuda_call(rotation="f32", seq=4096, producer="materialized"):
+    x = registry.TensorInfo((1, seq, 40, 128), BF16, "cuda", (seq * 40 * 128, 40 * 128, 128, 1))
+    t = registry.TensorInfo((1, seq, 1, 64), torch.float32, "cuda", (seq * 128, 128, 128, 2))
+    return rope_lowering.op_call(x, t, t, interleaved=True, rotation=rotation, producer=producer)
 
 
 class FakeTimer:
@@ -187,17 +187,37 @@ def test_auto_measures_when_a_user_implementation_is_a_candidate(vendor, tmp_pat
     assert timer.calls == 1 and choice.name in ("aten", "none")
 
 
-def test_auto_on_the_h100_keeps_aten():
+def test_auto_on_the_h100_follows_the_shipped_rows():
     """Without a user implementation, the shipped H100 rows decide (nothing is measured)."""
     def never(call, impls):
         raise AssertionError("measured")
 
-    hook_answer = rope_lowering.shipped_choice_for_call(_cuda_call(), "NVIDIA H100 80GB HBM3",
-                                                        ("none", "aten", "triton"))
-    assert hook_answer[0] == "aten" and "aten 64.99us" in hook_answer[1]
+    h100, all3 = "NVIDIA H100 80GB HBM3", ("none", "aten", "triton")
+    # S=4096: the kernel 63.39 us, aten 65.22 us: within 3%, the rule order (aten first) decides
+    pick, why = rope_lowering.shipped_choice_for_call(_cuda_call(), h100, all3)
+    assert pick == "aten" and "triton 63.39us" in why and "aten 65.22us" in why
+    # S=75600: the kernel clearly ahead
+    pick, why = rope_lowering.shipped_choice_for_call(_cuda_call(seq=75600), h100, all3)
+    assert pick == "triton" and "triton 1057.98us" in why
+    # ... unless the triton lowering cannot take the call
+    assert rope_lowering.shipped_choice_for_call(_cuda_call(seq=75600), h100, ("none", "aten"))[0] == "aten"
     tuner = auto.Tuner(measure=never, enabled=True)
     choice = registry.choose(_cuda_call(), ("auto",), tuner=tuner)
-    if auto.plain_device_name("cuda") == "NVIDIA H100 80GB HBM3":
+    if auto.plain_device_name("cuda") == h100:
         assert choice.name == "aten" and "shipped measurement" in choice.reason
     else:  # another machine: the cuda rule of the table (it cites the H100 rows)
         assert choice.name == "aten" and "rule for cuda (rope_auto.json)" in choice.reason
+
+
+def test_auto_gives_aten_when_x_is_still_being_computed():
+    """x produced by fusible ops (an RMSNorm): aten, whatever the table says for x in memory."""
+    call = _cuda_call(seq=75600, producer="fusible")
+    for device in ("NVIDIA H100 80GB HBM3", "some other GPU"):
+        pick, why = rope_lowering.shipped_choice_for_call(call, device, ("none", "aten", "triton"))
+        assert pick == "aten" and "fuses into the aten lowering" in why
+    # aten not a candidate: the producer rule does not apply, the table does
+    pick, _ = rope_lowering.shipped_choice_for_call(call, "NVIDIA H100 80GB HBM3", ("none", "triton"))
+    assert pick == "triton"
+    # an explicit priority is never overridden
+    choice = registry.choose(call, ("triton",), tuner=auto.Tuner(measure=None, enabled=False))
+    assert choice.name == "triton"
