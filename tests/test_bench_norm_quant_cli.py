@@ -35,3 +35,27 @@ def test_every_sweep_family_names_a_variant_of_that_family():
     vs = bnq.variants()
     for fam, name in bnq.SWEEP_FAMILIES.items():
         assert tuning_key(vs[name], 4096, 4096).split("/")[0] == fam
+
+
+def test_write_choice_merges_a_bench_run_into_an_existing_table(tmp_path):
+    import json
+
+    dev = "Some GPU"
+    old = {"about": "x", "rows": [
+        dict(device=dev, family="token", variant="token", T=4096, H=4096, triton_us=25.0, inductor_us=30.0,
+             timer="l2_flushed", torch="2.11", triton="3.6", date="old"),
+        dict(device=dev, family="static", variant="static", T=4096, H=4096, triton_us=20.0, inductor_us=22.0,
+             timer="l2_flushed", torch="2.11", triton="3.6", date="old")]}
+    run = {"environment": dict(device=dev, torch="2.11", triton="3.6", date="new"), "rows": [
+        dict(variant="token", T=4096, H=4096, timer="l2_flushed", triton_us=21.0, inductor_us=33.0),
+        dict(variant="token", T=16, H=4096, timer="cuda_graph", triton_us=2.0),  # no Inductor time: skipped
+        dict(variant="group128", T=4096, H=4096, timer="l2_flushed", triton_us=21.0, inductor_us=35.0)]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    out = tmp_path / "auto.json"
+    assert bnq.write_choice([str(tmp_path / "old.json"), str(tmp_path / "run.json")], str(out)) == 0
+    rows = {(r["variant"], r["T"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("token", 4096), ("static", 4096), ("group128", 4096)}
+    assert rows[("token", 4096)]["triton_us"] == 21.0 and rows[("token", 4096)]["date"] == "new"  # later file wins
+    assert rows[("static", 4096)]["date"] == "old"  # kept
+    assert rows[("group128", 4096)]["family"] == "group128"

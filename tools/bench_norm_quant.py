@@ -361,7 +361,9 @@ def write_choice(inputs: list[str], out_path: str) -> int:
     for path in inputs:
         with open(path) as f:
             data = json.load(f)
-        for r in choice_rows(data["rows"], data["environment"]):
+        # a bench JSON (rows + environment), or a choice table written earlier (rows only)
+        rows = choice_rows(data["rows"], data["environment"]) if "environment" in data else data["rows"]
+        for r in rows:
             by_key[(r["device"], r["variant"], r["T"], r["H"])] = r
     rows = list(by_key.values())
     table = {"about": "rows for `auto` (lowering/norm_quant_choice.py): Triton kernel vs stock Inductor on the "
