@@ -59,3 +59,17 @@ def test_write_choice_merges_a_bench_run_into_an_existing_table(tmp_path):
     assert rows[("token", 4096)]["triton_us"] == 21.0 and rows[("token", 4096)]["date"] == "new"  # later file wins
     assert rows[("static", 4096)]["date"] == "old"  # kept
     assert rows[("group128", 4096)]["family"] == "group128"
+
+
+def test_flush_l2_reads_or_writes_and_names_bad_modes():
+    import torch
+
+    from fusewright.tools.cuda_graph import flush_l2
+
+    buf = torch.full((1024,), 7, dtype=torch.uint8)
+    flush_l2(buf)  # read: the buffer is left as it was
+    assert int(buf.sum()) == 7 * 1024
+    flush_l2(buf, "write")
+    assert int(buf.sum()) == 0
+    with pytest.raises(ValueError, match="'read' or 'write'"):
+        flush_l2(buf, "both")

@@ -27,6 +27,7 @@ import torch
 
 from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
 from .cuda_graph import capture as capture_graph
+from .cuda_graph import flush_l2
 
 HELP = "fused RMSNorm+quant kernels vs stock Inductor"
 
@@ -79,12 +80,10 @@ FLUSH_MODES = ("read", "write")
 class Timer:
     """CUDA-event timing of graph replays.
 
-    `flush` says how L2 is emptied before each `hbm` call. "write" zeroes a 256 MB buffer
-    (what `triton.testing.do_bench` does): L2 is then full of *dirty* lines, which the
-    timed kernel must write back to HBM as it evicts them, up to 50 MB of extra traffic
-    that is not its own; at tens of MB per call that is a large share of the time. "read"
-    (the default) sums the buffer instead, so L2 holds clean lines and the kernel is
-    charged for its own bytes only."""
+    `flush` says how L2 is emptied before each `hbm` call (cuda_graph.flush_l2): "read"
+    (the default) leaves clean lines, so the timed kernel is charged for its own bytes
+    only; "write" leaves up to 50 MB of dirty lines for it to write back, a large share
+    of a call that moves tens of MB."""
 
     def __init__(self, reps: int = 30, flush: str = "read"):
         if flush not in FLUSH_MODES:
@@ -94,11 +93,6 @@ class Timer:
         self.flush = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
         self._copies: dict[int, float] = {}
 
-    def _flush(self) -> None:
-        if self.flush_mode == "write":
-            self.flush.zero_()
-        else:
-            self.flush.view(torch.int32).sum()
 
     def hbm(self, fn) -> float:
         """Median µs of one call of `fn`, L2 flushed before each call.
@@ -111,7 +105,7 @@ class Timer:
         g = capture_graph(fn, 1)
         times = []
         for _ in range(self.reps):
-            self._flush()
+            flush_l2(self.flush, self.flush_mode)
             torch.cuda._sleep(100_000)
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)

@@ -12,7 +12,7 @@ inline, the diffusers Wan spelling):
 * copy bandwidth     - cudaMemcpy and an elementwise bf16 kernel; the larger is the limit.
 
 On CUDA each variant is captured in a CUDA graph and replayed; L2 is flushed before
-every repetition by writing a 256 MB buffer; times are CUDA-event medians. Minimum
+every repetition by reading a 256 MB buffer (tools/cuda_graph.flush_l2); times are CUDA-event medians. Minimum
 bytes for RoPE on q+k: q and k read and written once (4 x S x H x D bf16, the design's
 8TH with TH = S*H*D) plus the half-width cos and sin actually used (2 x S x D/2 f32).
 On CPU the same variants minus the Triton ones run with wall-clock medians.
@@ -33,6 +33,8 @@ import time
 from typing import Callable
 
 import torch
+
+from .cuda_graph import flush_l2
 
 
 # ------------------------------------------------------------------ spellings
@@ -81,7 +83,8 @@ class CudaTimer:
         self.flush = torch.empty(flush_mb * 2**20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn: Callable[[], object]) -> float:
-        """Median microseconds of `fn` replayed from a CUDA graph, L2 flushed before each rep."""
+        """Median microseconds of `fn` replayed from a CUDA graph, L2 flushed (read, leaving
+        clean lines: cuda_graph.flush_l2) before each rep."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -93,7 +96,7 @@ class CudaTimer:
             fn()
         times = []
         for _ in range(self.reps):
-            self.flush.fill_(1)
+            flush_l2(self.flush)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
