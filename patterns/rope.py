@@ -166,8 +166,10 @@ def x_producer(x: fx.Node) -> Producer:
     anything else Inductor does not generate code for: x is read from memory either way.
     """
     root, _ = _view_root(x)
+    if root.op == "call_function" and root.target is operator.getitem and isinstance(root.args[0], fx.Node):
+        root = root.args[0]  # one result of a tuple-returning op (var_mean, attention): that op decides
     if root.op != "call_function" or not isinstance(root.target, torch._ops.OpOverload):
-        return "materialized"  # placeholders, get_attr, getitem of a tuple-returning op
+        return "materialized"  # placeholders, get_attr, Python-level calls
     if root.target.namespace not in ("aten", "prims") or root.target.overloadpacket in _EXTERN:
         return "materialized"
     return "fusible"

@@ -345,3 +345,24 @@ def test_auto_gives_aten_when_the_norm_would_fuse_into_it():
     # asked for by name, the kernel is still used (the rule is auto's, not a veto)
     run = compile_and_capture(_normed_qk, (q, k, c, s), config={"lowering": {"rope": "triton"}, "strict": True})
     assert _lowered(_rope_stats(run)) == {"triton:strided": 2, "triton:launches": 1}
+
+
+def test_x_producer_looks_through_getitem_to_the_tuple_op():
+    import operator
+
+    import torch.fx as fx
+
+    from fusewright.lowering import rope_ops  # noqa: F401  (registers torch.ops.fusewright.rope)
+    from fusewright.patterns.rope import x_producer
+
+    g = fx.Graph()
+    a = g.placeholder("a")
+    vm = g.call_function(aten.var_mean.correction, (a, [-1]), {"keepdim": True})
+    mean = g.call_function(operator.getitem, (vm, 1))
+    sdpa = g.call_function(aten._scaled_dot_product_flash_attention.default, (a, a, a))
+    out = g.call_function(operator.getitem, (sdpa, 0))
+    view = g.call_function(aten.view.default, (out, [-1]))
+    custom = g.call_function(torch.ops.fusewright.rope.default, (a, a, a, True))
+    assert x_producer(mean) == "fusible"       # a reduction Inductor generates code for
+    assert x_producer(view) == "materialized"  # attention is an extern kernel, views do not change that
+    assert x_producer(custom) == "materialized" and x_producer(a) == "materialized"
