@@ -10,10 +10,10 @@ contiguous.
 Each program takes one (token block, head block) pair: BLOCK_T tokens (a token is one
 (d0, d1) position) by BLOCK_H heads of q or of k, so q and k share one launch and
 neither needs padding to the other's head count. The grid is 1-D, head blocks
-innermost. Each program moves
-BLOCK_T x BLOCK_H rows of D elements: full rows are loaded contiguously (128-bit
-accesses) and the pairs are separated in registers (split/join) for the interleaved
-layout; the neox layout loads the two halves as two contiguous runs.
+innermost. Each program moves BLOCK_T x BLOCK_H rows of D elements: full rows are
+loaded contiguously (128-bit accesses) and the pairs are separated in registers
+(split/join) for the interleaved layout; the neox layout loads the two halves as two
+contiguous runs.
 
 Numerics: the products and the sum are formed in f32 and rounded once to the output
 dtype, the same operations eager PyTorch performs for `bf16 * f32` spellings. FMA

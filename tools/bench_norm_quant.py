@@ -3,8 +3,8 @@
 For each variant and shape: the Triton kernel (`lowering/norm_quant_triton.launch`) and
 stock Inductor compiling the unfused graph (the pure-torch reference of the same spec,
 i.e. the eager spelling), measured in the same process. Large token counts: L2 flushed
-before every repetition (a 256 MB buffer read, `--flush`), CUDA events around one call replayed from a
-CUDA graph (so host launch overhead is not timed), median.
+before every repetition (a 256 MB buffer read, `--flush`), CUDA events around one call
+replayed from a CUDA graph (so host launch overhead is not timed), median.
 Token counts <= 256: 20 calls captured in one CUDA graph, replayed, time per call (the
 launch-bound regime a decode step runs in). The limit is the variant's minimum bytes
 (3TH + scales; with a residual add 7TH + scales) over the device-to-device copy

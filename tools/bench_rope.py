@@ -12,8 +12,8 @@ inline, the diffusers Wan spelling):
 * copy bandwidth     - cudaMemcpy and an elementwise bf16 kernel; the larger is the limit.
 
 On CUDA each variant is captured in a CUDA graph and replayed; L2 is flushed before
-every repetition by reading a 256 MB buffer (tools/cuda_graph.flush_l2); times are CUDA-event medians. Minimum
-bytes for RoPE on q+k: q and k read and written once (4 x S x H x D bf16, the design's
+every repetition by reading a 256 MB buffer (tools/cuda_graph.flush_l2); times are
+CUDA-event medians. Minimum bytes for RoPE on q+k: q and k read and written once (4 x S x H x D bf16, the design's
 8TH with TH = S*H*D) plus the half-width cos and sin actually used (2 x S x D/2 f32).
 On CPU the same variants minus the Triton ones run with wall-clock medians.
 
