@@ -113,6 +113,21 @@ def _pre_w(w_ptr, c: tl.constexpr, dflt, H: tl.constexpr, CH: tl.constexpr, NCH:
 
 
 @triton.jit
+def _pre_ws(w_ptr, dflt, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr,
+            GS: tl.constexpr, WST: tl.constexpr, WPRE: tl.constexpr, MASKED: tl.constexpr):
+    """Every weight chunk, when prefetched (WPRE); placeholders otherwise."""
+    w0 = _pre_w(w_ptr, 0, dflt, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w1 = _pre_w(w_ptr, 1, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w2 = _pre_w(w_ptr, 2, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w3 = _pre_w(w_ptr, 3, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w4 = _pre_w(w_ptr, 4, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w5 = _pre_w(w_ptr, 5, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w6 = _pre_w(w_ptr, 6, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    w7 = _pre_w(w_ptr, 7, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
 def _head_chunk(xv, rv, c: tl.constexpr, h_dflt, sq, ro_ptr, orow, rmask3, H: tl.constexpr, CH: tl.constexpr,
                 NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, XDT: tl.constexpr, RES: tl.constexpr,
                 HS_DT: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
@@ -157,6 +172,7 @@ def _token_chunk(h, wv, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, o
 def _process(
     rows, x0, x1, x2, x3, x4, x5, x6, x7,
     r0, r1, r2, r3, r4, r5, r6, r7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
     w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
     H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr,
     ROWS: tl.constexpr, MASKED: tl.constexpr,
@@ -170,7 +186,7 @@ def _process(
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, WPRE: tl.constexpr,
 ):
     """Everything after the raw loads of the rows' chunks x0.. (and residual r0..; unused
-    ones are dummies)."""
+    ones are dummies) and, with WPRE, of the weight chunks w0.. (else dummies)."""
     rmask3 = (rows < M)[:, None, None]
     r64 = rows.to(tl.int64)[:, None, None]
     orow = r64 * H  # outputs are contiguous [M, H]
@@ -182,7 +198,8 @@ def _process(
 
     # Loads that do not depend on the row statistic are issued before its block reduction:
     # after it they would add a memory round trip to every row's latency (the static scale
-    # always, the weight chunks with WPRE: the small-T plans, where latency is the cost).
+    # always; the weight chunks with WPRE, loaded by the caller: the small-T plans, where
+    # latency is the cost, and persistent plans, which load them once per program).
     s_static = 0.0
     rs_static = 0.0
     if KIND == 0:
@@ -192,14 +209,6 @@ def _process(
         else:
             s_static = sv.to(tl.float32)
         rs_static = tl.div_rn(_c32(1.0), s_static)
-    w0 = _pre_w(w_ptr, 0, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w1 = _pre_w(w_ptr, 1, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w2 = _pre_w(w_ptr, 2, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w3 = _pre_w(w_ptr, 3, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w4 = _pre_w(w_ptr, 4, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w5 = _pre_w(w_ptr, 5, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w6 = _pre_w(w_ptr, 6, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w7 = _pre_w(w_ptr, 7, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
 
     # ---- pass 1: the norm input of every chunk, its sum of squares
     h0 = _finish_h(x0, r0, ro_ptr, orow, rmask3, 0, H, CH, CG, GS, XDT, RES, HS_DT, MASKED, INTERP)
@@ -344,12 +353,15 @@ def _rms_norm_quant_kernel(
         rows = pid + tl.arange(0, 1)
         x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
             x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+        # the weight does not change from row to row: with WPRE it stays in registers
+        w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
         for _ in range(pid, M, nprog):
             nrows = rows + nprog
             nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7, nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7 = _ld_rows(
                 x_ptr, r_ptr, nrows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
             _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                      r0, r1, r2, r3, r4, r5, r6, r7,
+                     w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
                      H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
             x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
@@ -359,8 +371,10 @@ def _rms_norm_quant_kernel(
         rows = pid * ROWS + tl.arange(0, ROWS)
         x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
             x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
         _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
                  r0, r1, r2, r3, r4, r5, r6, r7,
+                 w0, w1, w2, w3, w4, w5, w6, w7,
                  w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
                  H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
 

@@ -223,7 +223,9 @@ SWEEP_SIZES = ("large", "mid", "small")
 # (the session-1 sweep's winners were CH 1024 / 4 warps and CH 2048 / 8 warps everywhere;
 # the persistent variant never won at T = 16384)
 SWEEP_LARGE = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 2048, "num_warps": 8},
-               {"CH": 2048, "num_warps": 16}, {"CH": 1024, "num_warps": 4, "PERSIST": 4}]
+               {"CH": 2048, "num_warps": 16}, {"CH": 1024, "num_warps": 4, "PERSIST": 4},
+               # persistent with the weight held in registers across a program's rows
+               {"CH": 1024, "num_warps": 4, "PERSIST": 2, "WPRE": 1}]
 # T = 4096 is a few waves of programs: ramp-up and the last wave weigh more, so smaller and
 # larger programs, several rows per program (col-major scales: the scales of consecutive rows
 # are adjacent) and persistent loops all get a chance
@@ -235,6 +237,8 @@ SWEEP_MID = SWEEP_LARGE + [
     {"CH": 1024, "num_warps": 4, "WPRE": 1}, {"CH": 2048, "num_warps": 8, "WPRE": 1},
     {"CH": 1024, "num_warps": 8, "ROWS": 2}, {"CH": 512, "num_warps": 4, "ROWS": 4},
     {"CH": 512, "num_warps": 8, "ROWS": 8},
+    {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1}, {"CH": 512, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
