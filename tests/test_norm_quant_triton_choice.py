@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fusewright.lowering import norm_quant_choice as nqc
@@ -61,55 +62,53 @@ def test_shipped_tables_are_well_formed():
         assert p["CH"] * p["NCH"] >= int(hidden)
 
 
-def test_tuning_lookup_nearest_hidden_and_residual_fallback(monkeypatch, tmp_path):
+@pytest.fixture
+def tuning_table(monkeypatch, tmp_path):
+    """`use(configs)` makes the plan read a tuning table holding `configs` (and nothing else)."""
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"configs": {"token/4096/large": {"CH": 2048, "num_warps": 8},
-                                            "token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2}}}))
     monkeypatch.setenv(nqt.ENV_TUNING, str(path))
-    nqt._tuning_table.cache_clear()
-    try:
-        # Nearest hidden size (4096) lends its warps, not its chunk width (2048 would pad
-        # 5120 to 6144 lanes): the chunk width stays the exact-fit heuristic's.
-        p = nqt.plan(_spec(), 5120, m=16384)
-        assert (p["CH"], p["NCH"], p["num_warps"]) == (1024, 5, 8)
-        p = nqt.plan(_spec(residual="input_dtype"), 7168, m=16384)
-        assert (p["CH"], p["num_warps"], p["PERSIST"]) == (1024, 4, 2)
-        assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
-        # no mid entry: T = 4096 takes the large plan; a mid entry wins for its class only
-        assert nqt.plan(_spec(residual="input_dtype"), 7168, m=4096)["PERSIST"] == 2
-    finally:
-        nqt._tuning_table.cache_clear()
-    path.write_text(json.dumps({"configs": {"token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2},
-                                            "token/8192/mid": {"CH": 2048, "num_warps": 8}}}))
-    nqt._tuning_table.cache_clear()
-    try:
-        assert nqt.size_class(4096) == "mid" and nqt.size_class(1023) == "small" and nqt.size_class(8192) == "large"
-        p = nqt.plan(_spec(), 8192, m=4096)
-        assert (p["CH"], p["num_warps"], p["PERSIST"]) == (2048, 8, 0)
-        assert nqt.plan(_spec(), 8192, m=16384)["PERSIST"] == 2
-    finally:
+
+    def use(configs: dict) -> None:
+        path.write_text(json.dumps({"configs": configs}))
         nqt._tuning_table.cache_clear()
 
+    yield use
+    nqt._tuning_table.cache_clear()
 
-def test_col_major_groups_have_their_own_family_and_fall_back(monkeypatch, tmp_path):
+
+def test_tuning_lookup_nearest_hidden_and_residual_fallback(tuning_table):
+    tuning_table({"token/4096/large": {"CH": 2048, "num_warps": 8},
+                  "token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2}})
+    # Nearest hidden size (4096) lends its warps, not its chunk width (2048 would pad
+    # 5120 to 6144 lanes): the chunk width stays the exact-fit heuristic's.
+    p = nqt.plan(_spec(), 5120, m=16384)
+    assert (p["CH"], p["NCH"], p["num_warps"]) == (1024, 5, 8)
+    p = nqt.plan(_spec(residual="input_dtype"), 7168, m=16384)
+    assert (p["CH"], p["num_warps"], p["PERSIST"]) == (1024, 4, 2)
+    assert nqt.plan(_spec(), 7168, m=16)["PERSIST"] == 0  # no small entry: heuristic
+    # no mid entry: T = 4096 takes the large plan; a mid entry wins for its class only
+    assert nqt.plan(_spec(residual="input_dtype"), 7168, m=4096)["PERSIST"] == 2
+    tuning_table({"token/8192/large": {"CH": 1024, "num_warps": 4, "PERSIST": 2},
+                  "token/8192/mid": {"CH": 2048, "num_warps": 8}})
+    assert nqt.size_class(4096) == "mid" and nqt.size_class(1023) == "small" and nqt.size_class(8192) == "large"
+    p = nqt.plan(_spec(), 8192, m=4096)
+    assert (p["CH"], p["num_warps"], p["PERSIST"]) == (2048, 8, 0)
+    assert nqt.plan(_spec(), 8192, m=16384)["PERSIST"] == 2
+
+
+def test_col_major_groups_have_their_own_family_and_fall_back(tuning_table):
     col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10)
     row = _spec("fp8_per_group", group_size=64, apply="div", floor=1e-10)
     assert nqt.tuning_key(col, 4096, 4096) == "local+col/4096/mid"
     assert nqt.tuning_key(row, 4096, 4096) == "local/4096/mid"
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps({"configs": {"local/4096/mid": {"CH": 2048, "num_warps": 8},
-                                            "local+col/4096/mid": {"CH": 512, "num_warps": 8, "ROWS": 8}}}))
-    monkeypatch.setenv(nqt.ENV_TUNING, str(path))
-    nqt._tuning_table.cache_clear()
-    try:
-        assert nqt.plan(col, 4096, m=4096)["ROWS"] == 8
-        assert nqt.plan(row, 4096, m=4096)["ROWS"] == 1
-        # a col-major spec with a residual, never measured: the col-major entry, not the row one
-        res_col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10,
-                        residual="input_dtype")
-        assert nqt.plan(res_col, 4096, m=4096)["ROWS"] == 8
-    finally:
-        nqt._tuning_table.cache_clear()
+    tuning_table({"local/4096/mid": {"CH": 2048, "num_warps": 8},
+                  "local+col/4096/mid": {"CH": 512, "num_warps": 8, "ROWS": 8}})
+    assert nqt.plan(col, 4096, m=4096)["ROWS"] == 8
+    assert nqt.plan(row, 4096, m=4096)["ROWS"] == 1
+    # a col-major spec with a residual, never measured: the col-major entry, not the row one
+    res_col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10,
+                    residual="input_dtype")
+    assert nqt.plan(res_col, 4096, m=4096)["ROWS"] == 8
 
 
 def test_shipped_choice_for_registry_call():
