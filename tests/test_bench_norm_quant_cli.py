@@ -71,5 +71,5 @@ def test_flush_l2_reads_or_writes_and_names_bad_modes():
     assert int(buf.sum()) == 7 * 1024
     flush_l2(buf, "write")
     assert int(buf.sum()) == 0
-    with pytest.raises(ValueError, match="'read' or 'write'"):
+    with pytest.raises(ValueError, match=r"one of \('read', 'write'\)"):
         flush_l2(buf, "both")

@@ -27,7 +27,7 @@ import torch
 
 from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
 from .cuda_graph import capture as capture_graph
-from .cuda_graph import flush_l2
+from .cuda_graph import FLUSH_MODES, flush_l2
 
 HELP = "fused RMSNorm+quant kernels vs stock Inductor"
 
@@ -74,9 +74,6 @@ def min_bytes(spec: NormQuantSpec, T: int, H: int) -> int:
 
 
 # ------------------------------------------------------------------ timing
-FLUSH_MODES = ("read", "write")
-
-
 class Timer:
     """CUDA-event timing of graph replays.
 

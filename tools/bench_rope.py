@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .cuda_graph import flush_l2
+from .cuda_graph import capture, flush_l2
 
 
 # ------------------------------------------------------------------ spellings
@@ -85,15 +85,7 @@ class CudaTimer:
     def __call__(self, fn: Callable[[], object]) -> float:
         """Median microseconds of `fn` replayed from a CUDA graph, L2 flushed (read, leaving
         clean lines: cuda_graph.flush_l2) before each rep."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture(fn)
         times = []
         for _ in range(self.reps):
             flush_l2(self.flush)

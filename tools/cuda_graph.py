@@ -28,6 +28,9 @@ def capture(fn: Callable[[], object], calls: int = 1) -> "torch.cuda.CUDAGraph":
     return g
 
 
+FLUSH_MODES = ("read", "write")
+
+
 def flush_l2(buf: torch.Tensor, mode: str = "read") -> None:
     """Evict L2 by streaming `buf` (make it several times the L2 size) through it.
 
@@ -40,4 +43,4 @@ def flush_l2(buf: torch.Tensor, mode: str = "read") -> None:
     elif mode == "read":
         buf.view(torch.int32).sum()
     else:
-        raise ValueError(f"flush mode must be 'read' or 'write', got {mode!r}")
+        raise ValueError(f"flush mode must be one of {FLUSH_MODES}, got {mode!r}")
