@@ -67,6 +67,7 @@ _shipped: dict[str, "ShippedHook | str"] = {
     "rope": "fusewright.lowering.rope_lowering:shipped_choice_for_call",
     "rms_norm": "fusewright.lowering.rms_norm_ops:shipped_choice_for_call",
     "fused_add_rms_norm": "fusewright.lowering.rms_norm_ops:shipped_choice_for_call",
+    "act_quant": "fusewright.lowering.act_quant_choice:shipped_choice_for_call",
 }
 
 

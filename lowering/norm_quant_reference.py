@@ -80,17 +80,35 @@ def reference(
     assert y.dtype == norm.out_dtype, (y.dtype, norm.out_dtype)
 
     # 4. quantization. amax and scales always from the rounded y (both modes).
+    q, sc = quantize(quant, y, y_f32, spec.numerics, scale)
+
+    outs: list[torch.Tensor] = [q]
+    if quant.dynamic:
+        outs.append(sc)
+    if new_residual is not None:
+        outs.append(new_residual)
+    if spec.return_normalized:
+        outs.append(y)
+    return tuple(outs)
+
+
+def quantize(quant, y: torch.Tensor, y_f32: torch.Tensor, numerics: str,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 4 of the norm_quant contract (also act_quant's step 2): quantize `y` (any float
+    dtype, shape `[..., H]`) as `quant` says. amax and scales come from `f32(y)`; in fast
+    mode the value quantized is `y_f32` (the product before y's last rounding) and a
+    division becomes a multiply by the reciprocal. Returns (q contiguous, scale or None
+    for static; per group `[..., H // gs]`, column-major when the spec says so)."""
     v = y.to(f32)
     gs = quant.group_size
-    hidden = x.shape[-1]
+    hidden = y.shape[-1]
     if quant.kind == "fp8_per_group":
         v_in = v.unflatten(-1, (hidden // gs, gs))
-        src = (y_f32 if spec.numerics == "fast" else v).unflatten(-1, (hidden // gs, gs))
+        src = (y_f32 if numerics == "fast" else v).unflatten(-1, (hidden // gs, gs))
     else:
         v_in = v
-        src = y_f32 if spec.numerics == "fast" else v
+        src = y_f32 if numerics == "fast" else v
 
-    out_scale = None
     if quant.dynamic:
         a = v_in.abs().amax(dim=-1, keepdim=True).to(quant.scale_math_dtype)
         if quant.amax_ub is not None:
@@ -111,7 +129,7 @@ def reference(
         sc = scale.to(f32).reshape(())
 
     apply = quant.apply
-    if spec.numerics == "fast" and apply == "div":
+    if numerics == "fast" and apply == "div":
         apply = "mul_recip"
     if apply == "div":
         t = src / sc
@@ -123,20 +141,12 @@ def reference(
         t = torch.round(t)
     q = t.clamp(quant.clamp_lo, quant.clamp_hi).to(quant.out_dtype)
 
-    outs: list[torch.Tensor] = []
     if quant.kind == "fp8_per_group":
         q = q.flatten(-2)
         sc = sc.squeeze(-1)
         if quant.col_major:
             sc = _col_major(sc)
-    outs.append(q.contiguous())
-    if quant.dynamic:
-        outs.append(sc)
-    if new_residual is not None:
-        outs.append(new_residual)
-    if spec.return_normalized:
-        outs.append(y)
-    return tuple(outs)
+    return q.contiguous(), (sc if quant.dynamic else None)
 
 
 def _col_major(sc: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,14 @@ SEMANTIC_OPS: dict[str, SemanticOp] = {
             "NormQuantSpec (lowering/norm_quant_spec.py); the variant is the spec string",
         ),
         SemanticOp(
+            "act_quant", ("x", "up"), ("spec",),
+            "ActQuantSpec (lowering/act_quant_spec.py): an activation (identity or silu(x) * up) "
+            "quantized per token / per group; `none` keeps the model's nodes",
+            # The fused op reads each input once where Inductor's two-loop reduction reads it
+            # twice (docs/benchmarks.md); off CUDA the op is the eager reference: keep the graph.
+            rule=(("cuda", ("triton", "none")), ("default", ("none", "triton"))),
+        ),
+        SemanticOp(
             "rope", ("x", "cos", "sin"), ("interleaved", "head_dim", "rotation", "producer"),
             "o1 = x1*cos - x2*sin, o2 = x1*sin + x2*cos in f32, rounded once, written into a fresh "
             "buffer of x's shape (lowering/rope_lowering.py; `none` keeps the model's writeback)",
@@ -271,7 +279,7 @@ _builtins_loaded = False
 # same in every process.
 BUILTIN_LOWERING_MODULES: tuple[str, ...] = (
     "fusewright.lowering.rms_norm_aten", "fusewright.lowering.norm_quant_ops", "fusewright.lowering.rope_lowering",
-    "fusewright.lowering.rms_norm_ops",
+    "fusewright.lowering.rms_norm_ops", "fusewright.lowering.act_quant_ops",
 )
 
 

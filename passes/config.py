@@ -27,7 +27,7 @@ ENV_VAR = "FUSEWRIGHT_CONFIG"
 LOWERING_CHOICES = ("auto", "triton", "aten")
 NUMERICS_CHOICES = ("exact", "fast")
 # Semantic ops whose implementation can be chosen per op (`-cc.lowering.rope=aten`).
-LOWERED_OPS = ("rms_norm_quant", "rope", "rms_norm", "fused_add_rms_norm")
+LOWERED_OPS = ("rms_norm_quant", "rope", "rms_norm", "fused_add_rms_norm", "act_quant")
 # Semantic ops an opaque custom op can be mapped to (`-cc.deopaque.mylib::rms_norm=rms_norm`).
 DEOPAQUE_OPS = ("rms_norm", "fused_add_rms_norm")
 
@@ -170,6 +170,8 @@ class PassConfig:
 
     Attributes:
         fuse_norm_quant: rewrite RMSNorm -> quantization into one fused op.
+        fuse_act_quant: rewrite the dynamic quantization of an activation (silu(x) * up,
+            or one already in memory) into one fused op that reads it once.
         eliminate_noop_casts: remove dtype conversions that cannot change a value.
         rewrite_rope: rewrite strided RoPE writebacks.
         lowering: `auto` (choose by measurement), `triton` or `aten`; or a mapping
@@ -186,6 +188,7 @@ class PassConfig:
     """
 
     fuse_norm_quant: bool = True
+    fuse_act_quant: bool = True
     eliminate_noop_casts: bool = True
     rewrite_rope: bool = True
     lowering: LoweringConfig = LoweringConfig()
@@ -220,7 +223,7 @@ class PassConfig:
 
     @classmethod
     def _parse_value(cls, key: str, value: Any, base: "PassConfig") -> Any:
-        if key in ("fuse_norm_quant", "eliminate_noop_casts", "rewrite_rope", "verify", "strict"):
+        if key in ("fuse_norm_quant", "fuse_act_quant", "eliminate_noop_casts", "rewrite_rope", "verify", "strict"):
             return _parse_bool(key, value)
         if key == "numerics":
             return _parse_choice(key, value, NUMERICS_CHOICES)

@@ -34,6 +34,7 @@ from ..patterns import quant as quant_patterns
 from ..patterns import rms_norm as rms_patterns
 from .base import GraphPass, PassContext
 from .graph_utils import insert_call, tensor_meta
+from .quant_tails import erase_dead, replace_tails
 
 aten = torch.ops.aten
 
@@ -154,43 +155,12 @@ class NormQuantPass(GraphPass):
                     f"expected {len(spec.output_names())} ({', '.join(spec.output_names())})"
                 )
             named = dict(zip(spec.output_names(), outs))
-            for t in m.tails:
-                q_new = named["q"]
-                if t.q_view_args is not None:
-                    q_new = ops.call(aten.reshape.default, q_new, list(t.q_view_args))
-                t.q.replace_all_uses_with(q_new)
-                if t.scale is not None:
-                    s_new = named["scale"]
-                    if t.q_view_args is not None:
-                        shape = list(t.q_view_args[:-1]) + ([1] if t.amax_keepdim else [])
-                        s_new = ops.call(aten.reshape.default, s_new, shape)
-                    elif not t.amax_keepdim:
-                        s_new = ops.call(aten.squeeze.dim, s_new, -1)
-                    for op in t.scale_shape_ops:
-                        s_new = ops.call(op.target, s_new, *op.args[1:], **op.kwargs)
-                    if t.col_major_out is not None:
-                        col = ops.call(aten.reshape.default, named["scale"], list(t.col_major_args))
-                        t.col_major_out.replace_all_uses_with(col)
-                    t.scale.replace_all_uses_with(s_new)
+            replace_tails(ops.call, m.tails, named["q"], named.get("scale"))
             if norm.residual_out is not None:
                 norm.residual_out.replace_all_uses_with(named["residual"])
             if spec.return_normalized:
                 norm.out.replace_all_uses_with(named["normalized"])
-        _erase_dead(graph, m)
-
-
-def _erase_dead(graph: fx.Graph, m: nq_patterns.NormQuantMatch) -> None:
-    candidates = set(m.dead_candidates())
-    for t in m.tails:
-        # the transposed copy of the scales (reshape, permute, clone, permute)
-        n = t.col_major_out
-        while n is not None and n not in candidates and n.op == "call_function":
-            candidates.add(n)
-            n = n.args[0] if isinstance(n.args[0], fx.Node) else None
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted((n for n in candidates if n in order), key=order.__getitem__, reverse=True):
-        if not node.users and node.op == "call_function":
-            graph.erase_node(node)
+        erase_dead(graph, m.dead_candidates(), m.tails)
 
 
 PASS = NormQuantPass()

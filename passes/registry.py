@@ -8,7 +8,7 @@ from .base import GraphPass
 
 # Modules that define a `PASS` attribute (a GraphPass instance). Imported lazily so
 # that `import fusewright` stays cheap.
-BUILTIN_PASS_MODULES: tuple[str, ...] = ("fusewright.passes.deopaque", "fusewright.passes.norm_quant", "fusewright.passes.rope", "fusewright.passes.noop_casts")
+BUILTIN_PASS_MODULES: tuple[str, ...] = ("fusewright.passes.deopaque", "fusewright.passes.norm_quant", "fusewright.passes.act_quant", "fusewright.passes.rope", "fusewright.passes.noop_casts")
 
 
 def builtin_passes() -> list[GraphPass]:
