@@ -57,7 +57,7 @@ def shipped_choice_for_call(call: Any, device_name: str, candidates: Sequence[st
     spec = ActQuantSpec.from_str(call.variant)
     fam = family(spec)
     x = call.tensor("x")
-    tokens = x.rows() if x is not None else -1
+    tokens = x.rows if x is not None else -1
     width = x.shape[-1] if x is not None and x.shape and isinstance(x.shape[-1], int) else -1
     rows = [r for r in table.get("measured", {}).get(device_name, []) if r.get("family") == fam]
     if rows and tokens > 0:

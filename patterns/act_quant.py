@@ -34,7 +34,7 @@ from ..lowering.norm_quant_spec import SpecError
 from ..passes.graph_utils import is_op, tensor_meta
 from .quant import QuantTailMatch, find_tails
 from .rms_norm import Decline, dtype_of, exact_upcast, is_convert, static_int
-from .rope import x_producer
+from .rope import _view_root, x_producer
 
 aten = torch.ops.aten
 F32 = torch.float32
@@ -50,9 +50,10 @@ class ActQuantMatch:
     h: fx.Node  # the activation the tails quantize
     tails: list[QuantTailMatch]  # every tail of h that computes the same (q, scale)
     prologue: list[fx.Node]  # silu_mul's own nodes (dead once the tails are replaced)
+    value_nodes: list[fx.Node]  # h, its upcasts and views
 
     def dead_candidates(self) -> list[fx.Node]:
-        out = list(self.prologue)
+        out = list(self.prologue) + list(self.value_nodes)
         for t in self.tails:
             out += list(t.nodes) + list(t.values) + ([t.scale] if t.scale is not None else [])
         return out
@@ -68,14 +69,25 @@ def _amax_input(anchor: fx.Node) -> fx.Node:
 
 
 def _activation_of(v: fx.Node) -> fx.Node:
-    """The node whose value `v` holds: back through exact upcasts and reshapes."""
+    """The node whose value `v` holds: back through exact upcasts and the reshapes a quant
+    tail makes (token flattening, splitting the last dim into groups). A reshape that
+    builds the last dim from several (heads x head_dim after attention) is where the
+    activation starts."""
     while True:
         if exact_upcast(v) and isinstance(v.args[0], fx.Node):
             v = v.args[0]
-        elif is_op(v, *_RESHAPES) and isinstance(v.args[0], fx.Node):
+        elif is_op(v, *_RESHAPES) and isinstance(v.args[0], fx.Node) and _splits_last_dim(v.args[0], v):
             v = v.args[0]
         else:
             return v
+
+
+def _splits_last_dim(src: fx.Node, view: fx.Node) -> bool:
+    a, b = tensor_meta(src), tensor_meta(view)
+    if a is None or b is None or not a.dim() or not b.dim():
+        return False
+    la, lb = static_int(a.shape[-1]), static_int(b.shape[-1])
+    return isinstance(la, int) and isinstance(lb, int) and lb > 0 and la % lb == 0
 
 
 def match_act_quant(anchor: fx.Node, numerics: str = "exact") -> ActQuantMatch | Decline | None:
@@ -91,7 +103,7 @@ def match_act_quant(anchor: fx.Node, numerics: str = "exact") -> ActQuantMatch |
     if not isinstance(hidden, int) or hidden <= 0:
         return Decline("the quantized dim has a symbolic size", anchor)
 
-    _, results = find_tails(h, hidden)
+    values, results = find_tails(h, hidden)
     mine = [r for r in results if isinstance(r, QuantTailMatch) and anchor in r.nodes]
     if not mine:
         declined = [r for r in results if isinstance(r, Decline)]
@@ -111,7 +123,7 @@ def match_act_quant(anchor: fx.Node, numerics: str = "exact") -> ActQuantMatch |
     else:
         if x_producer(h) != "materialized":
             return Decline(
-                f"{h.name} is computed by {_op_name(h)}, which Inductor fuses with the quantization; "
+                f"{h.name} is {_producer(h)}, which Inductor fuses with the quantization; "
                 "the fused op only pays where the activation is silu(x) * up or already in memory", anchor)
         if not _rows_contiguous(val):
             return Decline(f"the rows of {h.name} are not contiguous in memory (the fused op would copy them)",
@@ -125,7 +137,7 @@ def match_act_quant(anchor: fx.Node, numerics: str = "exact") -> ActQuantMatch |
         return Decline(f"not expressible as an act_quant spec: {exc}", anchor)
     # Every node the fused op replaces must be read only inside the match: a value read
     # elsewhere stays computed, and the activation would be computed twice.
-    inside = set(nodes) | {n for t in tails for n in t.nodes} | {v for t in tails for v in t.values}
+    inside = set(nodes) | {n for t in tails for n in t.nodes} | {v.node for v in values}
     for n in nodes[:-1] if nodes else []:
         outside = [u for u in n.users if u not in inside]
         if outside:
@@ -135,11 +147,21 @@ def match_act_quant(anchor: fx.Node, numerics: str = "exact") -> ActQuantMatch |
         if outside:
             return Decline(f"the activation {h.name} is also read by {outside[0].name}; fusing would compute "
                            "it twice", anchor)
-    return ActQuantMatch(spec, x, up, h, tails, nodes)
+    return ActQuantMatch(spec, x, up, h, tails, nodes, [v.node for v in values])
 
 
-def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else node.op
+def _producer(h: fx.Node, depth: int = 8) -> str:
+    """How to name h's producer in a decline: an RMSNorm (the norm -> quant pass's aten
+    lowering, or a norm it declined) when an rsqrt is a few ops upstream, else h's op."""
+    seen, frontier = set(), [h]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(is_op(n, aten.rsqrt.default) for n in frontier):
+            return "an RMSNorm's output (quantized with it by the norm -> quant pass, or declined there)"
+    root, _ = _view_root(h)
+    op = getattr(root.target, "__name__", str(root.target)) if root.op == "call_function" else root.op
+    return f"computed by {op}" + (f" (behind views, {root.name})" if root is not h else "")
 
 
 def _rows_contiguous(val: torch.Tensor) -> bool:

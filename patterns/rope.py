@@ -63,6 +63,7 @@ _EXTERN = tuple(
         "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable",
     ) if hasattr(aten, name)
 )
 
