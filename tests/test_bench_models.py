@@ -140,19 +140,20 @@ def test_wan_block_matches_diffusers():
 
 
 @pytest.mark.models
-def test_llama_layer_matches_transformers():
+@pytest.mark.parametrize("workload", ["llama", "llama_repeat_kv"])  # SDPA with enable_gqa, and repeat_kv
+def test_llama_layer_matches_transformers(workload):
     pytest.importorskip("transformers")
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from fusewright.tools.model_zoo import Float8RowwiseScaledMMLinear
 
-    cfg = bench_models.TINY["llama"]
+    cfg = bench_models.TINY[workload]
     config = LlamaConfig(hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
                          num_key_value_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
                          intermediate_size=cfg["inter"], rms_norm_eps=cfg["eps"], vocab_size=128)
     config._attn_implementation = "sdpa"
-    fn, (x, cos, sin), _ = bench_models.build("llama", cfg, 16, "cpu")
+    fn, (x, cos, sin), _ = bench_models.build(workload, cfg, 16, "cpu")
     theirs = LlamaDecoderLayer(config, layer_idx=0).eval()
     for p in theirs.parameters():
         p.data = p.data.to(torch.bfloat16)

@@ -5,7 +5,9 @@ the third-party spellings, so the GPU machine needs neither transformers nor dif
 
 * `llama`: a Llama-3-8B decoder layer (hidden 4096, 32 heads, 8 KV heads, head_dim 128,
   MLP 14336, RMSNorm eps 1e-5, rotate-half RoPE), transformers' spelling of the norm,
-  RoPE, GQA `repeat_kv` and SDPA; every linear is `model_zoo.Float8RowwiseScaledMMLinear`
+  RoPE and SDPA with `enable_gqa=True` (transformers 5 on CUDA without a padding mask;
+  `llama_repeat_kv`, prefill only: its `repeat_kv` fallback, what sessions 2 and 3
+  measured); every linear is `model_zoo.Float8RowwiseScaledMMLinear`
   (torchao float8 rowwise inference: per-token FP8 quantization of the activation,
   `torch._scaled_mm` with rowwise scales on CUDA). Prefill T=4096; decode T in 1/16/64,
   where attention runs over the T new tokens only (causal, no KV cache).
@@ -78,12 +80,18 @@ BF16 = torch.bfloat16
 # ============================================================================ workloads
 FULL = {
     "llama": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, eps=1e-5,
-                  prefill=4096, decode=(1, 16, 64)),
+                  prefill=4096, decode=(1, 16, 64), attention="gqa"),
+    # the same layer with transformers' repeat_kv fallback (sessions 2 and 3 measured this one)
+    "llama_repeat_kv": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, eps=1e-5,
+                            prefill=4096, decode=(), attention="repeat_kv"),
     "deepseek": dict(q_lora_rank=1536, heads=128, qk_head_dim=192, prefill=4096, decode=(1, 16, 64)),
     "wan": dict(dim=5120, heads=40, seq=16384),
 }
 TINY = {
-    "llama": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, eps=1e-5, prefill=32, decode=(1,)),
+    "llama": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, eps=1e-5, prefill=32, decode=(1,),
+                  attention="gqa"),
+    "llama_repeat_kv": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, eps=1e-5, prefill=32,
+                            decode=(), attention="repeat_kv"),
     "deepseek": dict(q_lora_rank=256, heads=2, qk_head_dim=192, prefill=32, decode=(1,)),
     "wan": dict(dim=256, heads=2, seq=64),
 }
@@ -101,8 +109,9 @@ def _bf16_params(module: nn.Module, device: str) -> nn.Module:
 def build(name: str, cfg: dict, tokens: int, device: str) -> tuple[Callable, tuple, dict]:
     """`(fn, inputs, info)` for one workload at one token count, weights seeded."""
     torch.manual_seed(0)
-    if name == "llama":
-        layer = LlamaLayer(cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["inter"], cfg["eps"])
+    if name in ("llama", "llama_repeat_kv"):
+        layer = LlamaLayer(cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["inter"], cfg["eps"],
+                           attention=cfg["attention"])
         with torch.no_grad():
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight.normal_(1.0, 0.1)
@@ -148,7 +157,7 @@ NQR_OPS = frozenset({"rsqrt", "mean", "pow", "amax", "abs", "reciprocal", "clamp
 # operations read from a kernel's body: a kernel that fusewright's aten lowering produced
 # is named after whatever nodes Inductor took its origins from, so the name can miss them
 NQR_BODY = frozenset({"rsqrt", "sqrt", "abs"})
-_FUSEWRIGHT_KERNELS = ("_rms_norm_quant_kernel", "_rope_kernel")
+_FUSEWRIGHT_KERNELS = ("_rms_norm_quant_kernel", "_rope_kernel", "_act_quant_kernel")
 
 
 def is_fusewright(name: str) -> bool:
@@ -379,7 +388,8 @@ HEADER = (f"{'workload':9s} {'phase':8s} {'T':>6s} {'eager us':>10s} {'stock us'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", default="llama,deepseek,wan", help="comma-separated subset of: llama,deepseek,wan")
+    parser.add_argument("--only", default="llama,deepseek,wan",
+                        help="comma-separated subset of: llama,llama_repeat_kv,deepseek,wan")
     parser.add_argument("--phases", default="prefill,decode", help="comma-separated subset of: prefill,decode")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU unless --device cuda); wall-clock times")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda, cpu with --tiny)")

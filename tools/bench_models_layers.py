@@ -46,11 +46,19 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class LlamaLayer(nn.Module):
-    """One Llama decoder layer as transformers writes it, FP8 rowwise linears (torchao spelling)."""
+    """One Llama decoder layer as transformers writes it, FP8 rowwise linears (torchao spelling).
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, eps: float) -> None:
+    `attention`: "gqa" is transformers 5's SDPA path on CUDA without a padding mask
+    (`sdpa_attention_forward`: `enable_gqa=True`, k and v stay at the KV heads); "repeat_kv"
+    is its fallback (and older releases' only path): k and v expanded to every head first.
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, eps: float,
+                 attention: str = "gqa") -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        if attention not in ("gqa", "repeat_kv"):
+            raise ValueError(f"attention must be 'gqa' or 'repeat_kv', got {attention!r}")
+        self.heads, self.kv_heads, self.head_dim, self.attention = heads, kv_heads, head_dim, attention
 
         def lin(i, o):
             layer = nn.Linear(i, o, bias=False)
@@ -74,8 +82,11 @@ class LlamaLayer(nn.Module):
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
         n_rep = self.heads // self.kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.head_dim ** -0.5)
+        if self.attention == "repeat_kv" or n_rep == 1:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.head_dim ** -0.5)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.head_dim ** -0.5, enable_gqa=True)
         a = a.transpose(1, 2).contiguous().reshape(b, s, -1)
         x = residual + self.o_proj(a)
         residual = x
