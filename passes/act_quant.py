@@ -66,9 +66,11 @@ class ActQuantPass(GraphPass):
                 if isinstance(match, aq_patterns.Decline):
                     ctx.skipped(match.reason, match.node)
                     continue
+                # `aten` (e.g. `lowering.default=aten`) means the model's own aten nodes here: `none`
+                priority = tuple("none" if p == "aten" else p for p in ctx.config.lowering.priority("act_quant"))
                 choice = act_quant_ops.choose_lowering(
                     match.spec, tensor_meta(match.x), tensor_meta(match.up) if match.up is not None else None,
-                    priority=ctx.config.lowering.priority("act_quant"))
+                    priority=priority)
                 if choice.impl is None:
                     ctx.skipped(f"no act_quant implementation applies ({choice.reason})", anchor)
                     continue

@@ -304,3 +304,11 @@ def test_shipped_table_answers_from_the_nearest_row():
     assert shipped_choice_for_call(call, "GPU Y", ("triton", "none"), table=table) is None
     # a user's implementation among the candidates: no answer, auto measures
     assert shipped_choice_for_call(call, "GPU X", ("triton", "mine"), table=table) is None
+
+
+def test_aten_lowering_means_the_models_own_nodes():
+    run = compile_and_capture(llama_mlp_quant, CASES["llama_token"][1], {"lowering": {"default": "aten"}})
+    stats = run.report["fuse_act_quant"]
+    assert stats.rewritten == 0 and "kept as Inductor compiles it (lowering none" in stats.skipped[0].reason
+    none = fusewright.PassConfig.from_dict({"lowering": {"act_quant": "none"}})
+    assert none.lowering.priority("act_quant") == ("none",)
