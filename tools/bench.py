@@ -20,6 +20,7 @@ HELP = "run a kernel benchmark (fusewright bench --list)"
 
 BENCHMARKS: dict[str, str] = {
     "norm-quant": "fusewright.tools.bench_norm_quant",
+    "act-quant": "fusewright.tools.bench_act_quant",
     "rope": "fusewright.tools.bench_rope",
     "noop-casts": "fusewright.tools.bench_noop_casts",
     "compile": "fusewright.tools.bench_compile",
