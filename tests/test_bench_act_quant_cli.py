@@ -138,6 +138,44 @@ def test_the_choice_reader_uses_a_written_row():
     assert got is not None and got[0] == "triton"
 
 
+class _StubTimer:
+    """Runs each measured callable once (so it must work) and returns fixed times."""
+
+    def __init__(self):
+        self.called = []
+
+    def hbm(self, fn):
+        fn()
+        self.called.append("hbm")
+        return 20.0 if len(self.called) == 1 else 30.0
+
+    graph = hbm
+
+    def copy_us(self, nbytes):
+        return 10.0
+
+
+def test_bench_one_row_on_cpu_with_a_stub_timer():
+    """The row's code path (stock compile, match check, arithmetic) without a GPU: one real
+    CPU Inductor compile of the spelling, the times from a stand-in timer."""
+    v = baq.variants()["silu_mul_group128_col"]
+    T, H = 300, 256  # T > 256: the L2-flushed path, with the same-bytes copy
+    timer = _StubTimer()
+    bw = 1e12
+    row = baq.bench_one(timer, bw, v, T, H, device="cpu")
+    assert timer.called == ["hbm", "hbm"]
+    m = row["match"]
+    assert m["ok"] and m["vs"] == "eager" and m["q_equal_frac"] == 1.0 and m["scale_strides_same"]
+    # stock CPU Inductor keeps silu(g) * u in f32 (no bf16 roundings): recorded, not a failure
+    assert m["stock"]["q_equal_frac"] < 1.0 and not m["stock"]["ok"]
+    assert m["stock"]["q_equal_frac"] == m["stock_vs_eager"]["q_equal_frac"]
+    assert row["timer"] == "l2_flushed" and row["fusewright_us"] == 20.0 and row["inductor_us"] == 30.0
+    assert row["speedup"] == 1.5
+    lim = baq.min_bytes(v, T, H) / bw * 1e6
+    assert row["limit_us"] == round(lim, 2) and row["fusewright_pct_of_limit"] == round(100 * lim / 20, 1)
+    assert row["fusewright_pct_of_same_bytes_copy"] == 50.0 and row["inductor_pct_of_same_bytes_copy"] == 33.3
+
+
 @pytest.mark.gpu
 def test_one_tiny_row_end_to_end(tmp_path):
     out = tmp_path / "rows.json"
