@@ -366,7 +366,14 @@ def main(args: argparse.Namespace, config=None) -> int:
 
     if act_quant_ops._triton_launch() is None:
         # the op's CUDA impl would silently run the eager reference: nothing fused to time
-        return _error("the Triton kernel (fusewright.lowering.act_quant_triton.launch) does not import")
+        try:
+            import importlib
+
+            importlib.import_module("fusewright.lowering.act_quant_triton")  # only for the error's text
+            why = "it has no `launch`"
+        except Exception as exc:  # noqa: BLE001
+            why = f"{type(exc).__name__}: {exc}"
+        return _error(f"the Triton kernel (fusewright.lowering.act_quant_triton.launch) is unavailable: {why}")
     from ..lowering.auto import plain_device_name
     from .bench_norm_quant import Timer, copy_bandwidth, environment
 
