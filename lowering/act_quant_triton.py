@@ -1,0 +1,201 @@
+"""Triton kernel for the fused activation -> quantization op (`fusewright::act_quant`).
+
+What it computes is `lowering/act_quant_spec.py`'s contract; the reference is
+`act_quant_reference.reference`.
+
+Design: one program per row, the whole row held in registers as one ``[1, CG, GS]`` tile
+of ``CH = next_pow2(H)`` columns (masked past H; GS is the quant group, or 128 columns
+for per-token kinds). The row is loaded once, the activation computed, the amax
+reduced, the scale computed and the row quantized and stored from registers: one read
+of each input and one write of q, where Inductor's two-loop reduction reads the inputs
+(and recomputes the activation) twice. The exact-arithmetic pieces - conversions that
+round as torch does (also under the interpreter), NaN-propagating max, the scale
+pipeline, division by the scale, the per-group finish - are the RMSNorm -> quant
+kernel's (`norm_quant_triton_math`), so both ops quantize bitwise alike.
+
+silu is computed as eager CUDA computes ``x / (1 + exp(-x))`` in f32: libdevice's expf
+and an IEEE division (``div_rn``; Triton's plain ``/`` is approximate on the GPU). Under
+the interpreter (CPU CI) numpy's exp and f32 division stand in for them.
+
+Spec constants are constexpr, materialised as f32 in the kernel (no f64 arguments);
+nothing is read back to the host and outputs are allocated from shapes only, so the
+launch is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
+from .act_quant_reference import check_inputs
+from .act_quant_spec import ActQuantSpec
+from .norm_quant_plan import _APPLY_CODE, _DT_CODE, _KIND_CODE
+from .norm_quant_triton_math import (
+    _c32, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
+)
+
+MAX_WIDTH = 32768  # wider rows would spill registers: declined by `supports`
+_PRO_CODE = {"identity": 0, "silu_mul": 1}
+
+
+@triton.jit
+def _silu(g, INTERP: tl.constexpr):
+    if INTERP:
+        return g / (tl.exp(-g) + 1.0)
+    else:
+        return tl.div_rn(g, libdevice.exp(-g) + 1.0)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, u_ptr, q_ptr, s_ptr, M, x_stride, u_stride,
+    H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr,
+    PRO: tl.constexpr, XDT: tl.constexpr, ADT: tl.constexpr, HDT: tl.constexpr,
+    KIND: tl.constexpr, G: tl.constexpr, COLMAJ: tl.constexpr, UE8M0: tl.constexpr,
+    SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
+    FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
+    RCONST: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr,
+    FAST: tl.constexpr, INTERP: tl.constexpr,
+):
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    r64 = rows.to(tl.int64)[:, None, None]
+    rmask = (rows < M)[:, None, None]
+    xv = _ld(x_ptr, r64 * x_stride, rmask, 0, H, CH, CG, GS, MASKED)
+    if PRO == 1:
+        uv = _ld(u_ptr, r64 * u_stride, rmask, 0, H, CH, CG, GS, MASKED)
+        a = _rnd(_silu(_up(xv, XDT, INTERP), INTERP), ADT, INTERP)
+        h = _rnd(a * _up(uv, XDT, INTERP), HDT, INTERP)
+    else:
+        h = _up(xv, XDT, INTERP)
+    qrow = r64 * H  # q is contiguous [M, H]
+    INT8: tl.constexpr = KIND == 3
+    if KIND == 2:
+        _group_finish(h, h, 0, rows, rmask, M, q_ptr, qrow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
+                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST,
+                      MASKED, INTERP)
+    else:
+        # masked columns hold 0, which never raises an amax of |values|
+        am = tl.reduce(tl.reduce(tl.abs(h), 2, _max_nan), 1, _max_nan)
+        s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST,
+                                 UE8M0, INTERP)
+        tl.store(s_ptr + rows, s_row)
+        s3 = s_row[:, None, None]
+        rs3 = tl.div_rn(_c32(1.0), s3)
+        _quant_store(h, s3, rs3, q_ptr, qrow, rmask, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST,
+                     MASKED, INTERP)
+
+
+# ------------------------------------------------------------------------- host side
+def supports(spec: ActQuantSpec, hidden: int) -> str | None:
+    """None when the kernel computes `spec` for rows of `hidden`, else why not."""
+    if hidden > MAX_WIDTH:
+        return f"rows of {hidden} are wider than the kernel holds in registers ({MAX_WIDTH})"
+    gs = spec.quant.group_size
+    if spec.quant.kind == "fp8_per_group":
+        if gs & (gs - 1):
+            return f"group size {gs} is not a power of two"
+        if hidden % gs:
+            return f"hidden size {hidden} is not divisible by the group size {gs}"
+    return None
+
+
+def default_config(spec: ActQuantSpec, hidden: int, m: int) -> dict:
+    """The launch plan: the row as one tile, warps scaled so each thread holds <= 32 values."""
+    ch = triton.next_power_of_2(max(hidden, 1))
+    gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, ch)
+    ch = max(ch, gs)
+    warps = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
+    return {"CH": ch, "GS": gs, "CG": ch // gs, "num_warps": warps}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _f32_recip(v: float) -> float:
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(v), dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_kwargs(spec: ActQuantSpec, hidden: int, interp: bool) -> dict:
+    """The constexpr arguments fixed by the spec (built once: the launch is on the host's
+    critical path when the graph is not replayed from a CUDA graph)."""
+    q = spec.quant
+    return dict(
+        H=hidden, PRO=_PRO_CODE[spec.prologue], XDT=_DT_CODE[spec.input_dtype], ADT=_DT_CODE[spec.act_dtype],
+        HDT=_DT_CODE[spec.h_dtype], KIND=_KIND_CODE[q.kind],
+        G=hidden // q.group_size if q.kind == "fp8_per_group" else 1, COLMAJ=bool(q.col_major),
+        UE8M0=bool(q.ue8m0), SMD=_DT_CODE[q.scale_math_dtype], HAS_UB=q.amax_ub is not None,
+        UB=float(q.amax_ub or 0.0), HAS_FLOOR=q.floor is not None, FLOOR_AMAX=q.floor_on == "amax",
+        FLOOR=float(q.floor or 0.0), CONST_DIV=q.scale_form == "const_div", SCONST=float(q.scale_const),
+        RCONST=_f32_recip(q.scale_const), APPLY=_APPLY_CODE[q.apply], CLO=float(q.clamp_lo),
+        CHI=float(q.clamp_hi), FAST=spec.numerics == "fast", INTERP=interp,
+    )
+
+
+def _rows_of(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int]:
+    """t as [M, H] with a unit last stride, and its row stride (a view when the layout
+    allows, e.g. a column slice of a wider tensor; else a contiguous copy)."""
+    if t.dim() == 2 and t.stride(-1) == 1:
+        return t, t.stride(0)
+    try:
+        t2 = t.view(-1, hidden)
+    except RuntimeError:
+        t2 = t.reshape(-1, hidden)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
+
+
+def launch(spec: ActQuantSpec, x: torch.Tensor, up: torch.Tensor | None = None, *, config: dict | None = None,
+           info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel; same inputs and outputs as `act_quant_reference.reference`.
+
+    `config` overrides the launch plan (benchmarks); `info`, if given, receives the plan and
+    the compiled kernel's register and spill counts."""
+    check_inputs(spec, x, up)
+    hidden = x.shape[-1]
+    problem = supports(spec, hidden)
+    if problem:
+        raise ValueError(f"act_quant Triton kernel: {problem}")
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    cfg = dict(default_config(spec, hidden, m), **(config or {}))
+    dev = x.device
+    q = torch.empty((m, hidden), dtype=spec.quant.out_dtype, device=dev)
+    if spec.quant.kind == "fp8_per_group":
+        groups = hidden // spec.quant.group_size
+        if spec.quant.col_major:
+            s_buf = torch.empty((groups, m), dtype=torch.float32, device=dev)
+            nd = len(lead) + 1
+            scale = s_buf.view((groups,) + lead).permute(tuple(range(1, nd)) + (0,))
+        else:
+            s_buf = torch.empty((m, groups), dtype=torch.float32, device=dev)
+            scale = s_buf.view(lead + (groups,))
+    else:
+        s_buf = torch.empty((m,), dtype=torch.float32, device=dev)
+        scale = s_buf.view(lead + (1,))
+    if m == 0:
+        return q.view(x.shape), scale
+    x2, xs = _rows_of(x, hidden)
+    u2, us = _rows_of(up, hidden) if up is not None else (x2, 0)
+    compiled = _act_quant_kernel[(m,)](
+        x2, u2, q, s_buf, m, xs, us,
+        CH=cfg["CH"], CG=cfg["CG"], GS=cfg["GS"], MASKED=cfg["CH"] != hidden,
+        num_warps=cfg["num_warps"], **_spec_kwargs(spec, hidden, _interpreting()),
+    )
+    if info is not None:
+        info.update(cfg)
+        info["n_regs"] = getattr(compiled, "n_regs", None)
+        info["n_spills"] = getattr(compiled, "n_spills", None)
+    return q.view(x.shape), scale

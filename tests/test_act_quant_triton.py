@@ -1,0 +1,227 @@
+"""The act_quant Triton kernel against the reference (lowering/act_quant_reference.py).
+
+CPU CI: the kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in a subprocess
+(the flag must be set before triton is imported). GPU (`gpu` marker): real widths and
+token counts, strided gate/up, CUDA-graph capture.
+
+What "equal" means: q bitwise (NaN compared by position: the sign of a NaN is not part
+of the contract), scales bitwise with the reference's layout. Random data of ordinary
+magnitude is bitwise for every prologue, also silu_mul (measured: the interpreter's
+numpy exp and eager CPU's exp agreed on every element of these inputs; on the GPU,
+libdevice's expf is the function eager CUDA calls). Should exp ever differ in a last
+bit, the bf16 rounding of silu could flip and an element land one FP8 step away: the
+tests would show it as a mismatch count, which must stay 0 here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusewright.lowering.act_quant_reference import reference
+from fusewright.lowering.act_quant_spec import ActQuantSpec
+from fusewright.lowering.norm_quant_spec import QuantSpec, SpecError
+
+BF16, F16, F32, FP8 = torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn
+gpu = pytest.mark.gpu
+
+QUANTS = {
+    "token": QuantSpec(kind="fp8_per_token", apply="div", floor=1e-12),
+    "token_recip": QuantSpec(kind="fp8_per_token", apply="mul_recip", floor=1e-12),
+    "g128": QuantSpec(kind="fp8_per_group", group_size=128, apply="div", floor=1e-4, floor_on="amax"),
+    "g64_col": QuantSpec(kind="fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10,
+                         floor_on="amax"),
+    "g128_ue8m0": QuantSpec(kind="fp8_per_group", group_size=128, ue8m0=True, apply="div", floor=1e-10,
+                            floor_on="amax"),
+    "int8": QuantSpec(kind="int8_per_token", out_dtype=torch.int8, scale_const=127.0, clamp_lo=-128.0,
+                      clamp_hi=127.0, apply="div", floor=1e-5),
+}
+
+
+def make_spec(prologue: str, quant: str, dtype=BF16, numerics="exact") -> ActQuantSpec:
+    act = dtype if prologue == "silu_mul" else F32
+    return ActQuantSpec(prologue, dtype, QUANTS[quant], act_dtype=act, h_dtype=dtype, numerics=numerics)
+
+
+def inputs(spec: ActQuantSpec, shape, device="cpu", seed=0, edges=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(spec.input_dtype)
+    u = (torch.randn(shape, generator=g) * 3).to(spec.input_dtype) if spec.prologue == "silu_mul" else None
+    if edges and x.shape[0] >= 6:
+        x2 = x.view(-1, shape[-1])
+        x2[1] = 0  # all zero: the scale floor
+        if u is not None:
+            u.view(-1, shape[-1])[1] = 0
+        x2[2, 3] = float("inf")
+        x2[3, 5] = float("nan")
+        x2[4] *= 1000  # large values (bf16 keeps them; f16 overflows some to inf)
+        x2[5, 0] = -float("inf")
+    return x.to(device), (u.to(device) if u is not None else None)
+
+
+def mismatches(got, want) -> dict:
+    """{} when q matches (NaN by position) and scales match bitwise, else counts."""
+    out = {}
+    q, wq = got[0], want[0]
+    if q.shape != wq.shape or q.dtype != wq.dtype:
+        return {"q_meta": f"{q.shape} {q.dtype} vs {wq.shape} {wq.dtype}"}
+    qf, wf = q.float(), wq.float()
+    both_nan = torch.isnan(qf) & torch.isnan(wf)
+    bits = (q.view(torch.uint8) != wq.view(torch.uint8)) if q.dtype == FP8 else (q != wq)
+    bad = int((bits & ~both_nan).sum())
+    if bad:
+        out["q"] = bad
+    s, ws = got[1], want[1]
+    if s.shape != ws.shape or s.stride() != ws.stride():
+        out["scale_layout"] = f"{tuple(s.shape)}/{s.stride()} vs {tuple(ws.shape)}/{ws.stride()}"
+    elif not torch.equal(torch.isnan(s), torch.isnan(ws)) or not torch.equal(
+            torch.nan_to_num(s, posinf=1e38), torch.nan_to_num(ws, posinf=1e38)):
+        out["scale"] = int((s != ws).sum())
+    return out
+
+
+# ------------------------------------------------------------------ interpreter
+_INTERP_SHAPES = ((7, 256), (6, 384), (3, 1000), (2, 3, 128), (1, 64))
+
+
+def _interp_worker() -> dict:
+    from fusewright.lowering.act_quant_triton import launch
+
+    failures, count = {}, 0
+    for prologue, quant, dtype, numerics in itertools.product(
+            ("identity", "silu_mul"), QUANTS, (BF16, F16, F32), ("exact", "fast")):
+        if numerics == "fast" and (dtype != BF16 or quant not in ("token", "g128")):
+            continue
+        spec = make_spec(prologue, quant, dtype, numerics)
+        for shape in _INTERP_SHAPES:
+            if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
+                continue
+            for edges in (False, True):
+                x, u = inputs(spec, shape, edges=edges)
+                errs = mismatches(launch(spec, x, u), reference(spec, x, u))
+                count += 1
+                if errs:
+                    failures[f"{prologue}/{quant}/{dtype}/{numerics}/{shape}/edges={edges}"] = errs
+    # gate and up as column slices of one merged [M, 2I] tensor (vLLM's gate_up): strided rows
+    spec = make_spec("silu_mul", "token")
+    gu = (torch.randn(5, 512) * 3).to(BF16)
+    errs = mismatches(launch(spec, gu[:, :256], gu[:, 256:]), reference(spec, gu[:, :256], gu[:, 256:]))
+    if errs:
+        failures["merged_gate_up"] = errs
+    empty = launch(spec, torch.empty(0, 256, dtype=BF16), torch.empty(0, 256, dtype=BF16))
+    return {"cases": count + 1, "failures": failures,
+            "empty": [list(empty[0].shape), list(empty[1].shape)]}
+
+
+@pytest.fixture(scope="module")
+def interp_result():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp-worker"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_interpreter_matrix_bitwise(interp_result):
+    assert interp_result["cases"] > 200
+    assert not interp_result["failures"], json.dumps(interp_result["failures"], indent=1)[:6000]
+
+
+def test_interpreter_empty_input(interp_result):
+    assert interp_result["empty"] == [[0, 256], [0, 1]]
+
+
+# ------------------------------------------------------------------ host side
+def test_supports_and_bad_input():
+    from fusewright.lowering import act_quant_triton as k
+
+    spec = make_spec("silu_mul", "token")
+    assert k.supports(spec, 14336) is None
+    assert "wider than" in k.supports(spec, 65536)
+    odd = ActQuantSpec("identity", BF16, QuantSpec(kind="fp8_per_group", group_size=96, apply="div"), h_dtype=BF16)
+    assert "not a power of two" in k.supports(odd, 960)
+    assert "not divisible" in k.supports(make_spec("identity", "g128"), 200)
+    x = torch.zeros(2, 64, dtype=BF16)
+    with pytest.raises(SpecError, match="needs `up`"):
+        k.launch(spec, x)
+    with pytest.raises(SpecError, match="up must match x"):
+        k.launch(spec, x, torch.zeros(2, 32, dtype=BF16))
+    with pytest.raises(SpecError, match="expects torch.bfloat16"):
+        k.launch(spec, x.float(), x.float())
+    with pytest.raises(ValueError, match="wider than"):
+        k.launch(make_spec("identity", "token"), torch.zeros(1, 65536, dtype=BF16))
+
+
+def test_default_config_scales_warps_with_the_row():
+    from fusewright.lowering.act_quant_triton import default_config
+
+    assert default_config(make_spec("silu_mul", "token"), 14336, 4096) == {"CH": 16384, "GS": 128, "CG": 128,
+                                                                           "num_warps": 16}
+    assert default_config(make_spec("identity", "g64_col"), 4096, 1)["GS"] == 64
+    assert default_config(make_spec("identity", "token"), 96, 1) == {"CH": 128, "GS": 128, "CG": 1, "num_warps": 4}
+
+
+# ------------------------------------------------------------------ GPU
+GPU_CASES = [(p, q) for p in ("identity", "silu_mul") for q in ("token", "g128", "g64_col", "g128_ue8m0", "int8")]
+
+
+@gpu
+@pytest.mark.parametrize("prologue,quant", GPU_CASES)
+def test_gpu_real_shapes_bitwise(prologue, quant):
+    from fusewright.lowering.act_quant_triton import launch
+
+    spec = make_spec(prologue, quant)
+    fails = {}
+    for m, h in itertools.product((1, 7, 4096, 4099), (4096, 5120, 14336, 2880)):
+        if spec.quant.kind == "fp8_per_group" and h % spec.quant.group_size:
+            continue
+        x, u = inputs(spec, (m, h), device="cuda", edges=True)
+        # the reference on the GPU tensors: eager CUDA ops (libdevice's expf, IEEE division)
+        errs = mismatches(launch(spec, x, u), reference(spec, x, u))
+        if errs:
+            fails[f"{m}x{h}"] = errs
+    assert not fails, fails
+
+
+@gpu
+def test_gpu_merged_gate_up_and_3d():
+    from fusewright.lowering.act_quant_triton import launch
+
+    spec = make_spec("silu_mul", "token")
+    gu = (torch.randn(4099, 2 * 14336, device="cuda") * 3).to(BF16)
+    g, u = gu[:, :14336], gu[:, 14336:]
+    assert not mismatches(launch(spec, g, u), reference(spec, g, u))
+    x, u = inputs(spec, (2, 333, 4096), device="cuda")
+    assert not mismatches(launch(spec, x, u), reference(spec, x, u))
+
+
+@gpu
+def test_gpu_op_under_cuda_graph_and_compile():
+    from fusewright.lowering import act_quant_ops
+
+    spec = make_spec("silu_mul", "token")
+    x, u = inputs(spec, (64, 14336), device="cuda")
+    want = reference(spec, x, u)
+    act_quant_ops.call(spec, x, u)  # compile the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = act_quant_ops.call(spec, x, u)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not mismatches(out, want)
+    compiled = torch.compile(lambda a, b: act_quant_ops.call(spec, a, b), dynamic=True)
+    for m in (64, 65):
+        xm, um = x[:m].contiguous(), u[:m].contiguous()
+        assert not mismatches(compiled(xm, um), reference(spec, xm, um))
+
+
+if __name__ == "__main__" and "--interp-worker" in sys.argv:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(_interp_worker()))
