@@ -13,9 +13,14 @@ round as torch does (also under the interpreter), NaN-propagating max, the scale
 pipeline, division by the scale, the per-group finish - are the RMSNorm -> quant
 kernel's (`norm_quant_triton_math`), so both ops quantize bitwise alike.
 
-silu is computed as eager CUDA computes ``x / (1 + exp(-x))`` in f32: libdevice's expf
-and an IEEE division (``div_rn``; Triton's plain ``/`` is approximate on the GPU). Under
-the interpreter (CPU CI) numpy's exp and f32 division stand in for them.
+silu is ``x / (1 + exp(-x))`` in f32 with libdevice's expf (the function eager CUDA
+calls). The division is IEEE (``div_rn``) where silu stays in f32, and Triton's
+approximate f32 division where silu is then rounded to bf16/f16: that rounding keeps
+none of its <= 2 ulp error (no element of 58.7M differed from the reference on an H100),
+and the IEEE division cost 1.3-2x the whole kernel (:func:`silu_mode`). Under the
+interpreter (CPU CI) numpy's exp and f32 division stand in for them. The row is one
+tile with 4 warps for silu_mul: the per-element math, not the memory, bounds a program,
+and 4 programs per SM overlap one another's loads with their math.
 
 Spec constants are constexpr, materialised as f32 in the kernel (no f64 arguments);
 nothing is read back to the host and outputs are allocated from shapes only, so the
@@ -49,11 +54,17 @@ _PRO_CODE = {"identity": 0, "silu_mul": 1}
 
 
 @triton.jit
-def _silu(g, INTERP: tl.constexpr):
+def _silu(g, SILU: tl.constexpr, INTERP: tl.constexpr):
+    """silu in f32. SILU 0: libdevice expf and an IEEE division (eager CUDA's arithmetic);
+    1: expf and the approximate division; 2: the fast exp2-based exp and division."""
     if INTERP:
         return g / (tl.exp(-g) + 1.0)
-    else:
+    elif SILU == 0:
         return tl.div_rn(g, libdevice.exp(-g) + 1.0)
+    elif SILU == 1:
+        return g / (libdevice.exp(-g) + 1.0)
+    else:
+        return g / (tl.exp(-g) + 1.0)
 
 
 @triton.jit
@@ -65,7 +76,7 @@ def _act_quant_kernel(
     SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
     RCONST: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr,
-    FAST: tl.constexpr, INTERP: tl.constexpr,
+    FAST: tl.constexpr, INTERP: tl.constexpr, SILU: tl.constexpr,
 ):
     rows = tl.program_id(0) + tl.arange(0, 1)
     r64 = rows.to(tl.int64)[:, None, None]
@@ -73,7 +84,7 @@ def _act_quant_kernel(
     xv = _ld(x_ptr, r64 * x_stride, rmask, 0, H, CH, CG, GS, MASKED)
     if PRO == 1:
         uv = _ld(u_ptr, r64 * u_stride, rmask, 0, H, CH, CG, GS, MASKED)
-        a = _rnd(_silu(_up(xv, XDT, INTERP), INTERP), ADT, INTERP)
+        a = _rnd(_silu(_up(xv, XDT, INTERP), SILU, INTERP), ADT, INTERP)
         h = _rnd(a * _up(uv, XDT, INTERP), HDT, INTERP)
     else:
         h = _up(xv, XDT, INTERP)
@@ -114,8 +125,26 @@ def default_config(spec: ActQuantSpec, hidden: int, m: int) -> dict:
     ch = triton.next_power_of_2(max(hidden, 1))
     gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, ch)
     ch = max(ch, gs)
-    warps = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
-    return {"CH": ch, "GS": gs, "CG": ch // gs, "num_warps": warps}
+    if spec.prologue == "silu_mul":
+        # compute-heavy rows: 4 warps (<= 128 registers, 4 programs per SM) beat 8-32 warps
+        # by 1.1-1.6x at T=4096, I=14336 and 18432 on an H100 (docs/benchmarks.md)
+        warps = 4
+    else:
+        warps = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
+    return {"CH": ch, "GS": gs, "CG": ch // gs, "num_warps": warps, "SILU": silu_mode(spec)}
+
+
+def silu_mode(spec: ActQuantSpec) -> int:
+    """How the kernel computes silu on the GPU (`_silu`'s SILU).
+
+    fast numerics: the exp2-based exp and division (2). exact, silu rounded to bf16/f16:
+    libdevice's expf with the approximate f32 division (1): its <= 2 ulp f32 error is below
+    what the rounding to bf16/f16 keeps (0 elements differed from the CPU reference in
+    58.7M at T=4096, I=14336), and an IEEE division costs 1.3-2x the kernel's time. exact,
+    silu kept in f32: eager CUDA's arithmetic, expf and an IEEE division (0)."""
+    if spec.numerics == "fast":
+        return 2
+    return 1 if spec.act_dtype in (torch.bfloat16, torch.float16) else 0
 
 
 def _interpreting() -> bool:
@@ -191,7 +220,7 @@ def launch(spec: ActQuantSpec, x: torch.Tensor, up: torch.Tensor | None = None, 
     u2, us = _rows_of(up, hidden) if up is not None else (x2, 0)
     compiled = _act_quant_kernel[(m,)](
         x2, u2, q, s_buf, m, xs, us,
-        CH=cfg["CH"], CG=cfg["CG"], GS=cfg["GS"], MASKED=cfg["CH"] != hidden,
+        CH=cfg["CH"], CG=cfg["CG"], GS=cfg["GS"], MASKED=cfg["CH"] != hidden, SILU=cfg["SILU"],
         num_warps=cfg["num_warps"], **_spec_kwargs(spec, hidden, _interpreting()),
     )
     if info is not None:

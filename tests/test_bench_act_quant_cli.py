@@ -165,7 +165,7 @@ def test_bench_one_row_on_cpu_with_a_stub_timer():
     row = baq.bench_one(timer, bw, v, T, H, device="cpu")
     assert timer.called == ["hbm", "hbm"]
     m = row["match"]
-    assert m["ok"] and m["vs"] == "eager" and m["q_equal_frac"] == 1.0 and m["scale_strides_same"]
+    assert m["ok"] and m["vs"] == "reference (CPU)" and m["q_equal_frac"] == 1.0 and m["scale_strides_same"]
     # stock CPU Inductor keeps silu(g) * u in f32 (no bf16 roundings): recorded, not a failure
     assert m["stock"]["q_equal_frac"] < 1.0 and not m["stock"]["ok"]
     assert m["stock"]["q_equal_frac"] == m["stock_vs_eager"]["q_equal_frac"]
