@@ -46,7 +46,7 @@ from .act_quant_reference import check_inputs
 from .act_quant_spec import ActQuantSpec
 from .norm_quant_plan import _APPLY_CODE, _DT_CODE, _KIND_CODE
 from .norm_quant_triton_math import (
-    _c32, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
+    _c32, _cvt_out, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
 )
 
 MAX_WIDTH = 32768  # wider rows would spill registers: declined by `supports`
@@ -68,9 +68,37 @@ def _silu(g, SILU: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _piece_h(x_ptr, u_ptr, xrow, urow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+             GS: tl.constexpr, MASKED: tl.constexpr, PRO: tl.constexpr, XDT: tl.constexpr, ADT: tl.constexpr,
+             HDT: tl.constexpr, HOLD: tl.constexpr, SILU: tl.constexpr, INTERP: tl.constexpr):
+    """Chunk c (CH columns) of the row: the quantization's input h, as it is held until the
+    scale is known. HOLD: in its own 16-bit dtype (h is rounded to it anyway, so this is
+    exact, and holds the row in half the registers of f32)."""
+    xv = _ld(x_ptr, xrow, rmask, c, H, CH, CG, GS, MASKED)
+    if PRO == 1:
+        uv = _ld(u_ptr, urow, rmask, c, H, CH, CG, GS, MASKED)
+        a = _rnd(_silu(_up(xv, XDT, INTERP), SILU, INTERP), ADT, INTERP)
+        if HOLD:
+            return _cvt_out(a * _up(uv, XDT, INTERP), HDT, INTERP)
+        else:
+            return _rnd(a * _up(uv, XDT, INTERP), HDT, INTERP)
+    elif HOLD:
+        return xv
+    else:
+        return _up(xv, XDT, INTERP)
+
+
+@triton.jit
+def _amax(h, HELD_DT: tl.constexpr, INTERP: tl.constexpr):
+    # masked columns hold 0, which never raises an amax of |values|
+    return tl.reduce(tl.reduce(tl.abs(_up(h, HELD_DT, INTERP)), 2, _max_nan), 1, _max_nan)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, u_ptr, q_ptr, s_ptr, M, x_stride, u_stride,
     H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr,
+    CH1: tl.constexpr, CH2: tl.constexpr, HOLD: tl.constexpr,
     PRO: tl.constexpr, XDT: tl.constexpr, ADT: tl.constexpr, HDT: tl.constexpr,
     KIND: tl.constexpr, G: tl.constexpr, COLMAJ: tl.constexpr, UE8M0: tl.constexpr,
     SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
@@ -78,32 +106,62 @@ def _act_quant_kernel(
     RCONST: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr,
     FAST: tl.constexpr, INTERP: tl.constexpr, SILU: tl.constexpr,
 ):
+    """One row per program. The row is up to three power-of-two tiles: CH columns, then CH1,
+    then CH2 (0: absent), e.g. 14336 = 8192 + 4096 + 2048, so no lane works on padding; or
+    one masked tile of CH >= H (MASKED)."""
     rows = tl.program_id(0) + tl.arange(0, 1)
     r64 = rows.to(tl.int64)[:, None, None]
     rmask = (rows < M)[:, None, None]
-    xv = _ld(x_ptr, r64 * x_stride, rmask, 0, H, CH, CG, GS, MASKED)
-    if PRO == 1:
-        uv = _ld(u_ptr, r64 * u_stride, rmask, 0, H, CH, CG, GS, MASKED)
-        a = _rnd(_silu(_up(xv, XDT, INTERP), SILU, INTERP), ADT, INTERP)
-        h = _rnd(a * _up(uv, XDT, INTERP), HDT, INTERP)
-    else:
-        h = _up(xv, XDT, INTERP)
+    xrow = r64 * x_stride
+    urow = r64 * u_stride
     qrow = r64 * H  # q is contiguous [M, H]
+    # the dtype h is held in, for _up
+    HELD: tl.constexpr = (HDT if PRO == 1 else XDT) if HOLD else 0
+    # a tile of CHk columns at column offset o is chunk o // CHk (each offset is a multiple of
+    # the next, smaller, power of two)
+    C1: tl.constexpr = CH // CH1 if CH1 > 0 else 0
+    C2: tl.constexpr = (CH + CH1) // CH2 if CH2 > 0 else 0
+    G1: tl.constexpr = CH1 // GS
+    G2: tl.constexpr = CH2 // GS
+    h0 = _piece_h(x_ptr, u_ptr, xrow, urow, rmask, 0, H, CH, CG, GS, MASKED, PRO, XDT, ADT, HDT, HOLD, SILU, INTERP)
+    if CH1 > 0:
+        h1 = _piece_h(x_ptr, u_ptr, xrow, urow, rmask, C1, H, CH1, G1, GS, False, PRO, XDT, ADT, HDT, HOLD, SILU,
+                      INTERP)
+    if CH2 > 0:
+        h2 = _piece_h(x_ptr, u_ptr, xrow, urow, rmask, C2, H, CH2, G2, GS, False, PRO, XDT, ADT, HDT, HOLD, SILU,
+                      INTERP)
     INT8: tl.constexpr = KIND == 3
     if KIND == 2:
-        _group_finish(h, h, 0, rows, rmask, M, q_ptr, qrow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
-                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST,
-                      MASKED, INTERP)
+        _group_finish(_up(h0, HELD, INTERP), _up(h0, HELD, INTERP), 0, rows, rmask, M, q_ptr, qrow, s_ptr, G,
+                      COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST,
+                      RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
+        if CH1 > 0:
+            _group_finish(_up(h1, HELD, INTERP), _up(h1, HELD, INTERP), C1, rows, rmask, M, q_ptr, qrow, s_ptr, G,
+                          COLMAJ, H, CH1, G1, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP)
+        if CH2 > 0:
+            _group_finish(_up(h2, HELD, INTERP), _up(h2, HELD, INTERP), C2, rows, rmask, M, q_ptr, qrow, s_ptr, G,
+                          COLMAJ, H, CH2, G2, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP)
     else:
-        # masked columns hold 0, which never raises an amax of |values|
-        am = tl.reduce(tl.reduce(tl.abs(h), 2, _max_nan), 1, _max_nan)
+        am = _amax(h0, HELD, INTERP)
+        if CH1 > 0:
+            am = _max_nan(am, _amax(h1, HELD, INTERP))
+        if CH2 > 0:
+            am = _max_nan(am, _amax(h2, HELD, INTERP))
         s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST,
                                  UE8M0, INTERP)
         tl.store(s_ptr + rows, s_row)
         s3 = s_row[:, None, None]
         rs3 = tl.div_rn(_c32(1.0), s3)
-        _quant_store(h, s3, rs3, q_ptr, qrow, rmask, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST,
-                     MASKED, INTERP)
+        _quant_store(_up(h0, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, 0, H, CH, CG, GS, APPLY, UE8M0, INT8,
+                     CLO, CHI, FAST, MASKED, INTERP)
+        if CH1 > 0:
+            _quant_store(_up(h1, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C1, H, CH1, G1, GS, APPLY, UE8M0,
+                         INT8, CLO, CHI, FAST, False, INTERP)
+        if CH2 > 0:
+            _quant_store(_up(h2, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C2, H, CH2, G2, GS, APPLY, UE8M0,
+                         INT8, CLO, CHI, FAST, False, INTERP)
 
 
 # ------------------------------------------------------------------------- host side
@@ -121,17 +179,50 @@ def supports(spec: ActQuantSpec, hidden: int) -> str | None:
 
 
 def default_config(spec: ActQuantSpec, hidden: int, m: int) -> dict:
-    """The launch plan: the row as one tile, warps scaled so each thread holds <= 32 values."""
+    """The launch plan. identity: the row as one masked tile, warps scaled so each thread
+    holds <= 32 values. silu_mul (H100 sweep at T=4096, docs/benchmarks.md): rows up to
+    16384 that split into power-of-two `pieces` are split, so no lane computes silu on
+    padding (I=14336: 127.7 -> 108.6 µs per token, 136.5 -> 110.2 µs per group); wider
+    rows are one masked tile with h held in bf16 and 8 warps (I=18432: 158.0 -> 147.1 µs)."""
     ch = triton.next_power_of_2(max(hidden, 1))
     gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, ch)
     ch = max(ch, gs)
-    if spec.prologue == "silu_mul":
-        # compute-heavy rows: 4 warps (<= 128 registers, 4 programs per SM) beat 8-32 warps
-        # by 1.1-1.6x at T=4096, I=14336 and 18432 on an H100 (docs/benchmarks.md)
-        warps = 4
+    plan = {"CH": ch, "GS": gs, "CG": ch // gs, "CH1": 0, "CH2": 0, "HOLD": 0, "SILU": silu_mode(spec)}
+    if spec.prologue != "silu_mul":
+        plan["num_warps"] = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
+        return plan
+    # silu_mul: the per-element math, not the memory, bounds a program; 4 warps (<= 128
+    # registers, 4 programs per SM) overlap one program's loads with another's math, where
+    # 8-32 warps per row were 1.1-1.6x slower (row-major scales)
+    split = piece_config(spec, hidden) if hidden <= 16384 else None
+    if split is not None and split["CH1"]:
+        plan.update(split, num_warps=8 if spec.quant.kind == "fp8_per_group" else 4)
+    elif ch > 16384:
+        plan.update(HOLD=1, num_warps=8)
     else:
-        warps = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
-    return {"CH": ch, "GS": gs, "CG": ch // gs, "num_warps": warps, "SILU": silu_mode(spec)}
+        plan["num_warps"] = 4
+    return plan
+
+
+def pieces(hidden: int, gs: int) -> tuple[int, int, int] | None:
+    """`hidden` as up to three descending powers of two, each a multiple of the tile's
+    inner width `gs` (a power of two), padded with 0: (8192, 4096, 2048) for 14336.
+    None where it takes more (the row is then one masked tile)."""
+    parts = [1 << b for b in range(hidden.bit_length() - 1, -1, -1) if hidden >> b & 1]
+    if len(parts) > 3 or parts[-1] < gs:
+        return None
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def piece_config(spec: ActQuantSpec, hidden: int) -> dict | None:
+    """The CH/CH1/CH2/GS/CG part of a launch plan that splits the row into `pieces`, or None."""
+    gsq = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else None
+    low = hidden & -hidden  # the smallest piece
+    gs = gsq if gsq else min(128, low)
+    p = pieces(hidden, gs)
+    if p is None:
+        return None
+    return {"CH": p[0], "CH1": p[1], "CH2": p[2], "GS": gs, "CG": p[0] // gs}
 
 
 def silu_mode(spec: ActQuantSpec) -> int:
@@ -220,7 +311,8 @@ def launch(spec: ActQuantSpec, x: torch.Tensor, up: torch.Tensor | None = None, 
     u2, us = _rows_of(up, hidden) if up is not None else (x2, 0)
     compiled = _act_quant_kernel[(m,)](
         x2, u2, q, s_buf, m, xs, us,
-        CH=cfg["CH"], CG=cfg["CG"], GS=cfg["GS"], MASKED=cfg["CH"] != hidden, SILU=cfg["SILU"],
+        CH=cfg["CH"], CG=cfg["CG"], GS=cfg["GS"], MASKED=cfg["CH"] + cfg["CH1"] + cfg["CH2"] != hidden,
+        CH1=cfg["CH1"], CH2=cfg["CH2"], HOLD=cfg["HOLD"], SILU=cfg["SILU"],
         num_warps=cfg["num_warps"], **_spec_kwargs(spec, hidden, _interpreting()),
     )
     if info is not None:

@@ -95,7 +95,25 @@ def mismatches(got, want) -> dict:
 
 
 # ------------------------------------------------------------------ interpreter
-_INTERP_SHAPES = ((7, 256), (6, 384), (3, 1000), (2, 3, 128), (1, 64))
+_INTERP_SHAPES = ((7, 256), (6, 384), (3, 1000), (2, 3, 128), (1, 64), (6, 448), (2, 896))
+
+
+def _plans(spec, hidden):
+    """Every row layout the kernel has, as launch's `config` override: one (masked) tile and
+    the power-of-two pieces (where the row splits), each with h held in f32 and in its
+    16-bit dtype. `default_config` picks among these (test_default_config_...)."""
+    import triton
+
+    from fusewright.lowering.act_quant_triton import piece_config
+
+    gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, triton.next_power_of_2(hidden))
+    ch = max(triton.next_power_of_2(hidden), gs)
+    layouts = {"one_tile": {"CH": ch, "CH1": 0, "CH2": 0, "GS": gs, "CG": ch // gs}}
+    pc = piece_config(spec, hidden)
+    if pc is not None and pc["CH1"]:
+        layouts["pieces"] = pc
+    return {f"{name}{'_hold' if hold else ''}": dict(cfg, HOLD=hold) for name, cfg in layouts.items()
+            for hold in (0, 1)}
 
 
 def _interp_worker() -> dict:
@@ -112,10 +130,12 @@ def _interp_worker() -> dict:
                 continue
             for edges in (False, True):
                 x, u = inputs(spec, shape, edges=edges)
-                errs = mismatches(launch(spec, x, u), reference(spec, x, u))
-                count += 1
-                if errs:
-                    failures[f"{prologue}/{quant}/{dtype}/{numerics}/{shape}/edges={edges}"] = errs
+                want = reference(spec, x, u)
+                for plan, cfg in _plans(spec, shape[-1]).items():
+                    errs = mismatches(launch(spec, x, u, config=cfg), want)
+                    count += 1
+                    if errs:
+                        failures[f"{prologue}/{quant}/{dtype}/{numerics}/{shape}/edges={edges}/{plan}"] = errs
     # gate and up as column slices of one merged [M, 2I] tensor (vLLM's gate_up): strided rows
     spec = make_spec("silu_mul", "token")
     gu = (torch.randn(5, 512) * 3).to(BF16)
@@ -166,13 +186,37 @@ def test_supports_and_bad_input():
         k.launch(make_spec("identity", "token"), torch.zeros(1, 65536, dtype=BF16))
 
 
-def test_default_config_scales_warps_with_the_row():
+def test_pieces_split_rows_into_powers_of_two():
+    from fusewright.lowering.act_quant_triton import pieces
+
+    assert pieces(14336, 128) == (8192, 4096, 2048)
+    assert pieces(18432, 128) == (16384, 2048, 0)
+    assert pieces(4096, 128) == (4096, 0, 0)
+    assert pieces(448, 128) is None and pieces(448, 64) == (256, 128, 64)  # a piece narrower than a group
+    assert pieces(11008, 128) is None  # four pieces: one masked tile instead
+
+
+def test_default_config_picks_a_tested_layout():
+    """The default plan per shape (measured on an H100, docs/benchmarks.md), and each is one
+    of the layouts the interpreter matrix checks bitwise (`_plans`)."""
     from fusewright.lowering.act_quant_triton import default_config
 
     from fusewright.lowering.act_quant_triton import silu_mode
 
-    assert default_config(make_spec("silu_mul", "token"), 14336, 4096) == {"CH": 16384, "GS": 128, "CG": 128,
-                                                                           "num_warps": 4, "SILU": 1}
+    layout = ("CH", "CH1", "CH2", "GS", "CG", "HOLD")
+    # Llama-3-8B's I: three pieces, no padded lanes, 4 warps per token, 8 per group
+    assert default_config(make_spec("silu_mul", "token"), 14336, 4096) == {
+        "CH": 8192, "CH1": 4096, "CH2": 2048, "GS": 128, "CG": 64, "HOLD": 0, "num_warps": 4, "SILU": 1}
+    assert default_config(make_spec("silu_mul", "g128"), 14336, 4096)["num_warps"] == 8
+    # DeepSeek-V3's I=18432: one masked tile of 32768, h held in bf16, 8 warps
+    wide = default_config(make_spec("silu_mul", "token"), 18432, 4096)
+    assert (wide["CH"], wide["CH1"], wide["HOLD"], wide["num_warps"]) == (32768, 0, 1, 8)
+    assert default_config(make_spec("silu_mul", "token"), 4096, 1)["CH1"] == 0  # a power of two: one tile
+    for prologue, quant, hidden in itertools.product(("silu_mul", "identity"), ("token", "g128", "g64_col"),
+                                                     (384, 896, 1024, 1000, 14336, 18432)):
+        spec = make_spec(prologue, quant)
+        cfg = default_config(spec, hidden, 1)
+        assert {k: cfg[k] for k in layout} in list(_plans(spec, hidden).values()), (prologue, quant, hidden)
     assert default_config(make_spec("identity", "g64_col"), 4096, 1)["GS"] == 64
     assert default_config(make_spec("identity", "token"), 96, 1)["num_warps"] == 4
     assert default_config(make_spec("identity", "token"), 14336, 1)["num_warps"] == 16
@@ -198,13 +242,17 @@ def test_gpu_real_shapes_bitwise(prologue, quant):
 
     spec = make_spec(prologue, quant)
     fails = {}
-    for m, h in itertools.product((1, 7, 4096, 4099), (4096, 5120, 14336, 2880)):
+    for m, h in itertools.product((1, 7, 4096, 4099), (4096, 5120, 14336, 2880, 18432)):
         if spec.quant.kind == "fp8_per_group" and h % spec.quant.group_size:
             continue
         x, u = inputs(spec, (m, h), device="cuda", edges=True)
-        errs = mismatches(launch(spec, x, u), ref_cpu(spec, x, u))
-        if errs:
-            fails[f"{m}x{h}"] = errs
+        want = ref_cpu(spec, x, u)
+        # the default plan everywhere; every row layout (pieces, h held in 16 bits) at one size
+        plans = {"default": None, **(_plans(spec, h) if m == 4099 else {})}
+        for plan, cfg in plans.items():
+            errs = mismatches(launch(spec, x, u, config=cfg), want)
+            if errs:
+                fails[f"{m}x{h}/{plan}"] = errs
     assert not fails, fails
 
 
