@@ -3,9 +3,10 @@
 What it computes is `lowering/act_quant_spec.py`'s contract; the reference is
 `act_quant_reference.reference`.
 
-Design: one program per row, the whole row held in registers as one ``[1, CG, GS]`` tile
-of ``CH = next_pow2(H)`` columns (masked past H; GS is the quant group, or 128 columns
-for per-token kinds). The row is loaded once, the activation computed, the amax
+Design: one program per row, the whole row held in registers as ``[1, CG, GS]`` tiles
+(GS is the quant group, or up to 128 columns for per-token kinds): one tile of
+``next_pow2(H)`` columns masked past H, or up to three power-of-two tiles that add up to
+H (`pieces`), so no lane computes on padding. The row is loaded once, the activation computed, the amax
 reduced, the scale computed and the row quantized and stored from registers: one read
 of each input and one write of q, where Inductor's two-loop reduction reads the inputs
 (and recomputes the activation) twice. The exact-arithmetic pieces - conversions that
@@ -18,9 +19,10 @@ calls). The division is IEEE (``div_rn``) where silu stays in f32, and Triton's
 approximate f32 division where silu is then rounded to bf16/f16: that rounding keeps
 none of its <= 2 ulp error (no element of 58.7M differed from the reference on an H100),
 and the IEEE division cost 1.3-2x the whole kernel (:func:`silu_mode`). Under the
-interpreter (CPU CI) numpy's exp and f32 division stand in for them. The row is one
-tile with 4 warps for silu_mul: the per-element math, not the memory, bounds a program,
-and 4 programs per SM overlap one another's loads with their math.
+interpreter (CPU CI) numpy's exp and f32 division stand in for them. For silu_mul the
+per-element math, not the memory, bounds a program, so the launch plan (`default_config`)
+is about lanes and registers: no padded lanes, and 4 warps (4 programs per SM overlap one
+another's loads with their math).
 
 Spec constants are constexpr, materialised as f32 in the kernel (no f64 arguments);
 nothing is read back to the host and outputs are allocated from shapes only, so the

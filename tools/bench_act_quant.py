@@ -243,10 +243,12 @@ def bench_one(timer, bw: float, v: Variant, T: int, H: int, device: str = "cuda"
     inputs = v.make_inputs(T, H, device)
     x, up = v.op_args(*inputs)
     stock = stock_compile(v.eager)
-    # Stock Inductor compiles first, as in a compiled model: Inductor points Triton at the
-    # CUDA toolkit's ptxas and libdevice, and the fused kernel, compiled after it, is built
-    # with them. Built with Triton's bundled ones instead, the same plan took 168 registers
-    # in place of 128 and 123 us in place of 110 (T=4096, I=14336, H100).
+    # Stock Inductor compiles first, as in a compiled model. Its first compile sets
+    # TRITON_PTXAS_PATH to the ptxas shipped in torch/bin (CUDA 13.0 with torch 2.11+cu130,
+    # where Triton 3.6 bundles 12.8), and every Triton kernel compiled later in the process
+    # is assembled by it. Assembled by Triton's own, the silu kernel took 168 registers in
+    # place of 128 and 123 us in place of 110 (T=4096, I=14336, H100; the norm-quant kernel
+    # came out the same with either).
     stock_out = stock(*inputs)
     fused_out = act_quant_ops.call(v.spec, x, up)
     eager_out = v.eager(*inputs)
