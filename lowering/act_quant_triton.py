@@ -6,10 +6,10 @@ What it computes is `lowering/act_quant_spec.py`'s contract; the reference is
 Design: one program per row, the whole row held in registers as ``[1, CG, GS]`` tiles
 (GS is the quant group, or up to 128 columns for per-token kinds): one tile of
 ``next_pow2(H)`` columns masked past H, or up to three power-of-two tiles that add up to
-H (`pieces`), so no lane computes on padding. The row is loaded once, the activation computed, the amax
-reduced, the scale computed and the row quantized and stored from registers: one read
-of each input and one write of q, where Inductor's two-loop reduction reads the inputs
-(and recomputes the activation) twice. The exact-arithmetic pieces - conversions that
+H (`pieces`), so no lane computes on padding. The row is loaded once, the activation
+computed, the amax reduced, the scale computed and the row quantized and stored from
+registers: one read of each input and one write of q, where Inductor's two-loop
+reduction reads the inputs (and recomputes the activation) twice. The exact-arithmetic pieces - conversions that
 round as torch does (also under the interpreter), NaN-propagating max, the scale
 pipeline, division by the scale, the per-group finish - are the RMSNorm -> quant
 kernel's (`norm_quant_triton_math`), so both ops quantize bitwise alike.
