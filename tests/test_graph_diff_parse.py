@@ -3,21 +3,14 @@ H100 (tests/fixtures/triton, torch 2.11 / triton 3.6, made by tools/capture_fixt
 C++ kernel snippets, TORCH_LOGS logs, debug directories, and malformed input."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from fusewright.tools.graph_diff import match_kernels, offline_diff, single_report
 from fusewright.tools.kernels import lossless, read_cpp, read_triton
-from fusewright.tools.output_code import (
-    OutputCodeError,
-    load_output_codes,
-    ops_from_name,
-    parse_kernels,
-    parse_output_code,
-    split_log,
-)
+from fusewright.tools.output_code import OutputCodeError, ops_from_name, parse_kernels, parse_output_code
+from fusewright.tools.output_code_files import load_output_codes, split_log
 
 TRITON = Path(__file__).parent / "fixtures" / "triton"
 

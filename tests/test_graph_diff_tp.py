@@ -12,7 +12,8 @@ import torch.fx as fx
 from fusewright.tools.cli import main as cli_main
 from fusewright.tools.fx_diff import collective_changes, collective_fingerprint
 from fusewright.tools.graph_diff import GraphDiffError, check_expectations, offline_diff, single_report
-from fusewright.tools.output_code import load_output_codes, parse_output_code, split_log_ranks
+from fusewright.tools.output_code import parse_output_code
+from fusewright.tools.output_code_files import load_output_codes, split_log_ranks
 
 # ----------------------------------------------------------------------------- synthetic output code
 _HEADER = """\

@@ -18,7 +18,7 @@ top-level keys the design brief fixes: `before`/`after` (`kernel_count`,
 `noop_kernel_count`, `kernels[]` with `name`, `kind`, `is_noop`), `rewrites`,
 `numerics` (`max_abs_diff`, `ok`). Further keys only add to that.
 
-Tensor-parallel code: output code from several ranks (see `output_code.load_output_codes`)
+Tensor-parallel code: output code from several ranks (see `output_code_files.load_output_codes`)
 is diffed rank by rank (kernels are only ever paired within a rank); `before`/`after`
 sum over the ranks and `ranks` holds each rank's own report (`rank=` selects one).
 Collectives are paired on their own, in launch order, and never as removed/added
@@ -42,8 +42,8 @@ import torch
 
 from ..passes.config import PassConfig
 from .fx_diff import GraphDiff, collective_changes, diff_graph_lists
-from .output_code import (Kernel, OutputCode, OutputCodeError, group_by_rank, load_output_codes, parse_output_code,
-                          rank_sort_key, summarize)
+from .output_code import Kernel, OutputCode, OutputCodeError, parse_output_code, summarize
+from .output_code_files import group_by_rank, load_output_codes, rank_sort_key
 
 SCHEMA_VERSION = 1
 DEFAULT_TARGET = "fusewright.tools.example:example"
