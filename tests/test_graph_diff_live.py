@@ -3,7 +3,6 @@
 
 Compiles: 2 single compiles + one live diff (2 compiles of a target with a graph break)."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from fusewright import testing
 from fusewright.tools.graph_diff import (
     GraphDiffError,
     check_expectations,
-    compare_outputs,
     live_diff,
     load_target,
 )
+from fusewright.tools.output_compare import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("no_env_config")
 

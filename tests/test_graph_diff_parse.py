@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fusewright.tools.graph_diff import match_kernels, offline_diff, single_report
+from fusewright.tools.graph_diff import offline_diff, single_report
+from fusewright.tools.kernel_match import match_kernels
 from fusewright.tools.kernels import lossless, read_cpp, read_triton
 from fusewright.tools.output_code import OutputCodeError, ops_from_name, parse_kernels, parse_output_code
 from fusewright.tools.output_code_files import load_output_codes, split_log

@@ -29,11 +29,9 @@ says, loudly, when one disappeared, appeared or communicates something else.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.util
 import inspect
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,8 +40,10 @@ import torch
 
 from ..passes.config import PassConfig
 from .fx_diff import GraphDiff, collective_changes, diff_graph_lists
+from .kernel_match import KernelMatch, match_kernels
 from .output_code import Kernel, OutputCode, OutputCodeError, parse_output_code, summarize
 from .output_code_files import group_by_rank, load_output_codes, rank_sort_key
+from .output_compare import Numerics, compare_outputs
 
 SCHEMA_VERSION = 1
 DEFAULT_TARGET = "fusewright.tools.example:example"
@@ -85,174 +85,6 @@ class Side:
         if self.ranks:
             out["ranks"] = self.ranks
         return out
-
-
-# ----------------------------------------------------------------------------- kernel diff
-@dataclasses.dataclass
-class KernelMatch:
-    status: str  # unchanged (same body), changed (same role, different body), removed, added
-    before: Kernel | None
-    after: Kernel | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "before": self.before.name if self.before else None,
-                "after": self.after.name if self.after else None,
-                "kind": (self.after or self.before).kind}
-
-
-def _stem(name: str) -> str:
-    return re.sub(r"_\d+$", "", name)
-
-
-def _collective_key(k: Kernel) -> tuple:
-    c = k.collective or {}
-    return (k.name, tuple(c.get("args", ())), tuple(c.get("tensors", ())))
-
-
-def _compatible(x: str, y: str) -> bool:
-    """Two `shape:dtype` descriptions agree where both sides state them ("?" = not stated)."""
-    return all(a == b or "?" in (a, b) for a, b in zip(x.rsplit(":", 1), y.rsplit(":", 1)))
-
-
-def _pair_collectives(before: list[Kernel], after: list[Kernel]) -> dict[int, tuple[str, int]]:
-    """Collectives of each compiled graph paired in launch order by op (difflib on the op
-    sequence): same op, arguments and tensor shapes -> unchanged, same op otherwise -> changed.
-    Shapes a side cannot state ("?") do not count as a change."""
-    pairs: dict[int, tuple[str, int]] = {}
-    for graph in sorted({k.graph for k in before + after if k.kind == "collective"}):
-        bi = [i for i, k in enumerate(before) if k.kind == "collective" and k.graph == graph]
-        ai = [i for i, k in enumerate(after) if k.kind == "collective" and k.graph == graph]
-        ops = difflib.SequenceMatcher(None, [before[i].name for i in bi], [after[i].name for i in ai], autojunk=False)
-        for block in ops.get_matching_blocks():
-            for j in range(block.size):
-                b, a = before[bi[block.a + j]], after[ai[block.b + j]]
-                kb, ka = _collective_key(b), _collective_key(a)
-                same = kb[:2] == ka[:2] and len(kb[2]) == len(ka[2]) and all(
-                    _compatible(x, y) for x, y in zip(kb[2], ka[2]))
-                pairs[ai[block.b + j]] = ("unchanged" if same else "changed", bi[block.a + j])
-    return pairs
-
-
-def match_kernels(before: list[Kernel], after: list[Kernel]) -> list[KernelMatch]:
-    """Pair kernels by what they compute. Numbered names are never compared as such.
-    Collectives pair only with collectives (`_pair_collectives`); kernels of different
-    ranks never pair (diff rank by rank: `offline_diff`)."""
-    pairs: dict[int, tuple[str, int]] = _pair_collectives(before, after)
-    taken_b = {bi for _, bi in pairs.values()}
-    free_b = [i for i in range(len(before)) if i not in taken_b and before[i].kind != "collective"]
-
-    def take(ai: int, pred, status: str) -> None:
-        # prefer a kernel of the same compiled graph, then any
-        for same_graph in (True, False):
-            for bi in free_b:
-                if (not same_graph or before[bi].graph == after[ai].graph) and pred(before[bi], after[ai]):
-                    free_b.remove(bi)
-                    pairs[ai] = (status, bi)
-                    return
-
-    for ai in range(len(after)):
-        if ai not in pairs and after[ai].kind != "collective":
-            take(ai, lambda b, a: b.signature and b.signature == a.signature, "unchanged")
-    for ai in range(len(after)):
-        if ai not in pairs and after[ai].kind != "collective":
-            take(ai, lambda b, a: b.kind == a.kind and _stem(b.name) == _stem(a.name), "changed")
-    for ai in range(len(after)):
-        if ai not in pairs and after[ai].kind != "collective":
-            def similar(b: Kernel, a: Kernel) -> bool:
-                sb, sa = set(b.ops), set(a.ops)
-                return b.kind == a.kind and bool(sb | sa) and len(sb & sa) / len(sb | sa) >= 0.6
-            take(ai, similar, "changed")
-    out: list[KernelMatch] = []
-    matched_b = {bi: ai for ai, (_, bi) in pairs.items()}
-    # in "before" order, with added kernels after the matched kernel launched just before them
-    emitted_a: set[int] = set()
-    for bi, kb in enumerate(before):
-        if bi in matched_b:
-            ai = matched_b[bi]
-            for prev in range(ai):
-                if prev not in pairs and prev not in emitted_a:
-                    out.append(KernelMatch("added", None, after[prev]))
-                    emitted_a.add(prev)
-            out.append(KernelMatch(pairs[ai][0], kb, after[ai]))
-            emitted_a.add(ai)
-        else:
-            out.append(KernelMatch("removed", kb, None))
-    for ai, ka in enumerate(after):
-        if ai not in emitted_a:
-            out.append(KernelMatch("added", None, ka))
-    return out
-
-
-# ----------------------------------------------------------------------------- numerics
-# (rtol, atol) per output dtype: torch.testing's defaults; fp8 one e4m3 step
-_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
-               torch.float64: (1e-7, 1e-7), torch.complex64: (1.3e-6, 1e-5)}
-_FP8_TOL = (0.125, 1e-3)
-
-
-@dataclasses.dataclass
-class Numerics:
-    max_abs_diff: float | None
-    ok: bool | None
-    bitwise: bool | None = None
-    detail: str | None = None  # why not ok
-    rtol: float | None = None
-    atol: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": self.max_abs_diff, "ok": self.ok, "bitwise": self.bitwise,
-                "detail": self.detail, "rtol": self.rtol, "atol": self.atol}
-
-
-def compare_outputs(ref: Any, new: Any, rtol: float | None = None, atol: float | None = None) -> Numerics:
-    """max |ref - new| over all floating outputs, and whether every output is within tolerance."""
-    ref_leaves, ref_spec = torch.utils._pytree.tree_flatten(ref)
-    new_leaves, new_spec = torch.utils._pytree.tree_flatten(new)
-    if ref_spec != new_spec:
-        return Numerics(None, False, False, "outputs differ in structure", rtol, atol)
-    worst, ok, bitwise, detail = 0.0, True, True, None
-    for i, (x, y) in enumerate(zip(ref_leaves, new_leaves)):
-        if not isinstance(x, torch.Tensor):
-            if x != y:
-                ok = bitwise = False
-                detail = detail or f"output {i}: {x!r} != {y!r}"
-            continue
-        if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
-            ok = bitwise = False
-            detail = detail or f"output {i}: {tuple(x.shape)} {x.dtype} vs " + (
-                f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__)
-            continue
-        xs, ys = x.detach().cpu(), y.detach().cpu()
-        if x.dtype.is_floating_point and x.dtype.itemsize == 1:
-            xs, ys = xs.float(), ys.float()
-            r, a = _FP8_TOL
-        else:
-            r, a = _TOLERANCES.get(x.dtype, (0.0, 0.0))
-        r, a = (rtol if rtol is not None else r), (atol if atol is not None else a)
-        if not (xs.is_floating_point() or xs.is_complex()):
-            equal = torch.equal(xs, ys)
-            bitwise &= equal
-            if not equal:
-                ok = False
-                detail = detail or f"output {i}: integer values differ"
-                worst = max(worst, float((xs.long() - ys.long()).abs().max()))
-            continue
-        xf, yf = xs.double(), ys.double()
-        nan_x, nan_y = xf.isnan(), yf.isnan()
-        same = torch.equal(xs.view(torch.uint8) if xs.dtype.itemsize == 1 else xs, ys.view(torch.uint8)
-                           if ys.dtype.itemsize == 1 else ys) or bool(((xf == yf) | (nan_x & nan_y)).all())
-        bitwise &= same
-        if not torch.equal(nan_x, nan_y):
-            ok = False
-            detail = detail or f"output {i}: NaN in different places"
-        diff = (xf - yf).abs().masked_fill(nan_x & nan_y, 0).nan_to_num(nan=float("inf"))
-        if diff.numel():
-            worst = max(worst, float(diff.max()))
-            bad = diff > a + r * yf.abs().nan_to_num(nan=0.0)
-            if bool(bad.any()):
-                ok = False
-                detail = detail or f"output {i}: {int(bad.sum())} of {diff.numel()} elements beyond rtol={r:g} atol={a:g}"
-    return Numerics(worst, ok, bitwise, detail, rtol, atol)
 
 
 # ----------------------------------------------------------------------------- report

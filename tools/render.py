@@ -360,6 +360,6 @@ def render_html(report: GraphDiffReport) -> str:
 
 
 def _single(k) -> Any:
-    from .graph_diff import KernelMatch
+    from .kernel_match import KernelMatch
 
     return KernelMatch("kernel", k, None)
