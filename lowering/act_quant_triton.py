@@ -117,7 +117,8 @@ def _act_quant_kernel(
     xrow = r64 * x_stride
     urow = r64 * u_stride
     qrow = r64 * H  # q is contiguous [M, H]
-    # the dtype h is held in, for _up
+    # the dtype h is held in; each use converts it (_up) rather than keeping an f32 copy
+    # alive between the amax and the quantization, which is what holding it saves
     HELD: tl.constexpr = (HDT if PRO == 1 else XDT) if HOLD else 0
     # a tile of CHk columns at column offset o is chunk o // CHk (each offset is a multiple of
     # the next, smaller, power of two)
@@ -186,10 +187,8 @@ def default_config(spec: ActQuantSpec, hidden: int, m: int) -> dict:
     16384 that split into power-of-two `pieces` are split, so no lane computes silu on
     padding (I=14336: 127.7 -> 108.6 µs per token, 136.5 -> 110.2 µs per group); wider
     rows are one masked tile with h held in bf16 and 8 warps (I=18432: 158.0 -> 147.1 µs)."""
-    ch = triton.next_power_of_2(max(hidden, 1))
-    gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, ch)
-    ch = max(ch, gs)
-    plan = {"CH": ch, "GS": gs, "CG": ch // gs, "CH1": 0, "CH2": 0, "HOLD": 0, "SILU": silu_mode(spec)}
+    plan = dict(tile_config(spec, hidden), HOLD=0, SILU=silu_mode(spec))
+    ch = plan["CH"]
     if spec.prologue != "silu_mul":
         plan["num_warps"] = 4 if ch <= 2048 else 8 if ch <= 8192 else 16
         return plan
@@ -204,6 +203,15 @@ def default_config(spec: ActQuantSpec, hidden: int, m: int) -> dict:
     else:
         plan["num_warps"] = 4
     return plan
+
+
+def tile_config(spec: ActQuantSpec, hidden: int) -> dict:
+    """The CH/CH1/CH2/GS/CG part of a launch plan that holds the row as one tile of
+    next_pow2(H) columns, masked past H."""
+    ch = triton.next_power_of_2(max(hidden, 1))
+    gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, ch)
+    ch = max(ch, gs)
+    return {"CH": ch, "CH1": 0, "CH2": 0, "GS": gs, "CG": ch // gs}
 
 
 def pieces(hidden: int, gs: int) -> tuple[int, int, int] | None:

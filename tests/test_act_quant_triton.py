@@ -103,13 +103,9 @@ def _plans(spec, hidden):
     """Every row layout the kernel has, as launch's `config` override: one (masked) tile and
     the power-of-two pieces (where the row splits), each with h held in f32 and in its
     16-bit dtype. `default_config` picks among these (test_default_config_...)."""
-    import triton
+    from fusewright.lowering.act_quant_triton import piece_config, tile_config
 
-    from fusewright.lowering.act_quant_triton import piece_config
-
-    gs = spec.quant.group_size if spec.quant.kind == "fp8_per_group" else min(128, triton.next_power_of_2(hidden))
-    ch = max(triton.next_power_of_2(hidden), gs)
-    layouts = {"one_tile": {"CH": ch, "CH1": 0, "CH2": 0, "GS": gs, "CG": ch // gs}}
+    layouts = {"one_tile": tile_config(spec, hidden)}
     pc = piece_config(spec, hidden)
     if pc is not None and pc["CH1"]:
         layouts["pieces"] = pc
