@@ -9,9 +9,8 @@ custom ops (`torch.ops.ns.op.default(...)`). Each launch is usually preceded by 
 comment naming the FX source nodes and the aten ops fused into it.
 
 Finding and reading output code in files, logs and directories, and which rank each
-came from (`load_output_codes`, `group_by_rank`, ...), is `output_code_files`; those
-names stay importable from here. :class:`OutputCodeError` is what both raise on input
-that is not output code.
+came from (`load_output_codes`, `group_by_rank`, ...), is `output_code_files`.
+:class:`OutputCodeError` is what both raise on input that is not output code.
 
 Collectives (`torch.ops._c10d_functional.all_reduce_`, `wait_tensor`, ...) are launches
 of kind `collective`; `Kernel.collective` says what they communicate.
@@ -522,14 +521,3 @@ def parse_kernels(code: str) -> list[Kernel]:
     """The kernels one output-code module launches, in launch order."""
     return parse_output_code(code).kernels
 
-
-# Reading dumps and logs moved to output_code_files, which imports this module: importing it
-# here lazily (PEP 562) keeps the old import paths working without an import cycle.
-_MOVED_TO_FILES = {"split_log_ranks", "split_log", "load_output_codes", "rank_of_path", "group_by_rank", "rank_sort_key"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_FILES:
-        from . import output_code_files
-        return getattr(output_code_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
