@@ -90,7 +90,10 @@ def _lookup(table: dict, key: str) -> dict:
 
 def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | None = None) -> dict:
     """Tile plan for hidden size `hidden` and `m` rows: chunk width CH (a power of two), chunk
-    count NCH (<= 8), group tile GS x CG, rows per program, warps. Sources, later ones win:
+    count NCH (<= 8), group tile GS x CG, rows per program, warps, and for persistent programs
+    (PERSIST per SM) the weight prefetch WPRE and the pipeline depth PIPE (0: the next row
+    prefetched into registers; S >= 2: a compiler-pipelined loop, S - 1 rows in flight in
+    shared memory). Sources, later ones win:
     the heuristic below, the measured table (norm_quant_tuning.json, or the file named by
     $FUSEWRIGHT_NQ_TUNING), `tuning` (benchmarks)."""
     q = spec.quant
@@ -119,9 +122,13 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
     # weight prefetch (loaded before the row's reduction): shortens a row's latency, which is
     # the cost at small T; at large T it holds registers across the reduction for nothing
     wpre = t.get("WPRE", size_class(m) == "small" if m is not None else False)
+    pipe = int(t.get("PIPE", 0))
+    if pipe == 1 or pipe < 0:
+        raise SpecError(f"PIPE={pipe}: the persistent loop's pipeline depth is 0 (the next row prefetched "
+                        "into registers) or a stage count >= 2")
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
                 num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0,
-                WPRE=int(bool(wpre)))
+                WPRE=int(bool(wpre)), PIPE=pipe)
 
 
 def supports(spec: NormQuantSpec, hidden: int) -> str | None:

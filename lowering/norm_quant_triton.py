@@ -341,14 +341,33 @@ def _rms_norm_quant_kernel(
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr, WPRE: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
-    """One program per ROWS rows, or (PERSIST) a persistent loop over rows: the next row's
-    raw chunks are loaded before the current one is processed, so every program keeps a
-    row's loads in flight while it computes (loop-carried registers, no shared memory)."""
+    """One program per ROWS rows, or (PERSIST) a persistent loop over rows, in one of two forms:
+
+    * PIPE = 0: the next row's raw chunks are loaded into registers before the current one
+      is processed (loop-carried registers, twice the row's registers);
+    * PIPE = S > 1: the loop is software-pipelined by the compiler (``tl.range(num_stages=S)``):
+      the loads of the next S - 1 rows are issued as asynchronous copies into shared memory,
+      so a program keeps rows in flight without holding them in registers."""
     pid = tl.program_id(0)
-    # the persistent loop's prefetch of the row after the last one is masked off
-    LDMASK: tl.constexpr = PERSIST or MASKED
-    if PERSIST:
+    # the register-prefetch loop's load of the row after the last one is masked off
+    LDMASK: tl.constexpr = (PERSIST and PIPE == 0) or MASKED
+    if PERSIST and PIPE > 0:
+        nprog = tl.num_programs(0)
+        # placeholders of the weight chunks when they are not held (never read)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, tl.zeros([1, CG, GS], tl.float32), H, CH, NCH, CG, GS,
+                                                 WST, WPRE, MASKED)
+        for r in tl.range(pid, M, nprog, num_stages=PIPE):
+            rows = r + tl.arange(0, 1)
+            x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
+                x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+            _process(rows, x0, x1, x2, x3, x4, x5, x6, x7,
+                     r0, r1, r2, r3, r4, r5, r6, r7,
+                     w0, w1, w2, w3, w4, w5, w6, w7,
+                     w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
+    elif PERSIST:
         nprog = tl.num_programs(0)
         rows = pid + tl.arange(0, 1)
         x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
@@ -545,7 +564,7 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
         CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked, PERSIST=persist,
-        WPRE=bool(cfg["WPRE"]),
+        WPRE=bool(cfg["WPRE"]), PIPE=int(cfg["PIPE"]) if persist else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw,
     )
     if info is not None:

@@ -208,20 +208,23 @@ def _interp_worker() -> dict:
             if errs:
                 failures[f"{name}@{shape}"] = errs
 
-    # the persistent variant (a loop over rows with the next row prefetched), few programs,
+    # the persistent variants, few programs (each loops over several rows): the next row
+    # prefetched into registers (PIPE 0) or the loop pipelined by the compiler (PIPE > 1; a
+    # plain loop under the interpreter, so this checks the loop's row indexing and masks),
     # with the weight loaded per row and (WPRE) once per program before the loop
     for name, spec in spec_matrix(full=False):
         if name not in _CORE and name not in ("token-f32", "fast-token_div", "token-ret", "gemma-g128-ret"):
             continue
-        for shape, wpre in (((9, 256), 0), ((5, 320), 1), ((7, 2, 64), 0), ((9, 256), 1)):
+        for shape, wpre, pipe in (((9, 256), 0, 0), ((5, 320), 1, 0), ((7, 2, 64), 0, 0), ((9, 256), 1, 0),
+                                  ((9, 320), 0, 3), ((7, 2, 64), 1, 2)):
             if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
                 continue
             x, w, r, s = grid_inputs(spec, shape)
-            errs = mismatches(launch(spec, x, w, r, s, tuning={"PERSIST": 1, "ROWS": 1, "WPRE": wpre}),
-                              reference_cr(spec, x, w, r, s))
+            tuning = {"PERSIST": 1, "ROWS": 1, "WPRE": wpre, "PIPE": pipe}
+            errs = mismatches(launch(spec, x, w, r, s, tuning=tuning), reference_cr(spec, x, w, r, s))
             count += 1
             if errs:
-                failures[f"persist:wpre{wpre}:{name}@{shape}"] = errs
+                failures[f"persist:wpre{wpre}:pipe{pipe}:{name}@{shape}"] = errs
 
     # what the interpreter itself does with f32 -> bf16 / fp8 (why the kernel emulates them)
     @triton.jit
@@ -453,15 +456,19 @@ def test_gpu_op_uses_the_kernel():
 _PLANS = ({"PERSIST": 2, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
           {"PERSIST": 8, "WPRE": 1, "ROWS": 1, "CH": 512, "num_warps": 4},
           {"PERSIST": 4, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4},
-          {"PERSIST": 0, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 8})
+          {"PERSIST": 0, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 8},
+          # software-pipelined persistent loops: rows in flight through shared memory
+          {"PERSIST": 2, "PIPE": 3, "ROWS": 1, "CH": 1024, "num_warps": 4},
+          {"PERSIST": 1, "PIPE": 4, "ROWS": 1, "CH": 2048, "num_warps": 8},
+          {"PERSIST": 2, "PIPE": 2, "WPRE": 1, "ROWS": 1, "CH": 512, "num_warps": 4})
 
 
 @gpu
 @pytest.mark.parametrize("name,spec", [c for c in spec_matrix() if c[0] in _CORE], ids=[c[0] for c in spec_matrix() if c[0] in _CORE])
 def test_gpu_prefill_sizes_and_plans_bitwise(name, spec):
     """The shipped plans at the benchmark's T = 4096 / 16384 shapes, and persistent plans that
-    hold the weight in registers across rows (PERSIST with WPRE), tokens not a multiple of
-    the programs."""
+    hold the weight in registers across rows (PERSIST with WPRE) or are software-pipelined
+    (PIPE), tokens not a multiple of the programs."""
     launch = _gpu_launch()
     fails = {}
     for T, H in ((4096, 4096), (4099, 5120), (4096, 7168), (4096, 8192), (16384, 8192)):

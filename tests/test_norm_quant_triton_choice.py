@@ -96,6 +96,18 @@ def test_tuning_lookup_nearest_hidden_and_residual_fallback(tuning_table):
     assert nqt.plan(_spec(), 8192, m=16384)["PERSIST"] == 2
 
 
+def test_pipeline_depth_from_the_table_and_its_limits(tuning_table):
+    from fusewright.lowering.norm_quant_spec import SpecError
+
+    tuning_table({"token/4096/mid": {"CH": 1024, "num_warps": 8, "PERSIST": 1, "PIPE": 3}})
+    p = nqt.plan(_spec(), 4096, m=4096)
+    assert (p["PERSIST"], p["PIPE"]) == (1, 3)
+    assert nqt.plan(_spec(), 4096, m=16384)["PIPE"] == 0  # other size classes: no pipelining
+    for bad in (1, -2):
+        with pytest.raises(SpecError, match=f"PIPE={bad}.*0 .*or a stage count >= 2"):
+            nqt.plan(_spec(), 4096, {"PERSIST": 1, "PIPE": bad}, m=4096)
+
+
 def test_col_major_groups_have_their_own_family_and_fall_back(tuning_table):
     col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10)
     row = _spec("fp8_per_group", group_size=64, apply="div", floor=1e-10)

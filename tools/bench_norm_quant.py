@@ -299,6 +299,9 @@ def _print_table(rows: list[dict]) -> None:
     for r in rows:
         p = r.get("plan", {})
         ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')} regs{p.get('n_regs')} spill{p.get('n_spills')}"
+        if p.get("PERSIST"):
+            ptxt += f" persist{p['PERSIST']}" + (f" pipe{p['PIPE']}" if p.get("PIPE") else "") + \
+                (" wpre" if p.get("WPRE") else "")
         print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
               f"{r.get('triton_pct_of_same_bytes_copy', float('nan')):6.1f} "
               f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
