@@ -126,9 +126,12 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
     if pipe == 1 or pipe < 0:
         raise SpecError(f"PIPE={pipe}: the persistent loop's pipeline depth is 0 (the next row prefetched "
                         "into registers) or a stage count >= 2")
+    persist = int(t.get("PERSIST", 0)) if rows == 1 else 0
+    if pipe and not persist:
+        raise SpecError(f"PIPE={pipe} pipelines the persistent loop: it needs PERSIST >= 1 and ROWS = 1 "
+                        f"(got PERSIST={t.get('PERSIST', 0)}, ROWS={rows})")
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
-                num_stages=t.get("num_stages", 1), PERSIST=int(t.get("PERSIST", 0)) if rows == 1 else 0,
-                WPRE=int(bool(wpre)), PIPE=pipe)
+                num_stages=t.get("num_stages", 1), PERSIST=persist, WPRE=int(bool(wpre)), PIPE=pipe)
 
 
 def supports(spec: NormQuantSpec, hidden: int) -> str | None:

@@ -564,11 +564,12 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
         CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked, PERSIST=persist,
-        WPRE=bool(cfg["WPRE"]), PIPE=int(cfg["PIPE"]) if persist else 0,
+        WPRE=bool(cfg["WPRE"]), PIPE=cfg["PIPE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw,
     )
     if info is not None:
         info.update(cfg)
         info["n_regs"] = getattr(compiled, "n_regs", None)
         info["n_spills"] = getattr(compiled, "n_spills", None)
+        info["shared"] = getattr(getattr(compiled, "metadata", None), "shared", None)
     return tuple(outs)

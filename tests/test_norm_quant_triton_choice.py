@@ -106,6 +106,10 @@ def test_pipeline_depth_from_the_table_and_its_limits(tuning_table):
     for bad in (1, -2):
         with pytest.raises(SpecError, match=f"PIPE={bad}.*0 .*or a stage count >= 2"):
             nqt.plan(_spec(), 4096, {"PERSIST": 1, "PIPE": bad}, m=4096)
+    with pytest.raises(SpecError, match="PIPE=3 pipelines the persistent loop: it needs PERSIST >= 1"):
+        nqt.plan(_spec(), 4096, {"PERSIST": 0, "PIPE": 3}, m=4096)
+    with pytest.raises(SpecError, match="ROWS=4"):
+        nqt.plan(_spec(), 4096, {"PERSIST": 2, "ROWS": 4, "PIPE": 3}, m=4096)
 
 
 def test_col_major_groups_have_their_own_family_and_fall_back(tuning_table):

@@ -236,6 +236,18 @@ SWEEP_MID = SWEEP_LARGE + [
     {"CH": 512, "num_warps": 8, "ROWS": 8},
     {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1}, {"CH": 512, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
     {"CH": 1024, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
+    # software-pipelined persistent loops (PIPE stages: PIPE - 1 rows in flight through shared
+    # memory per program), as many programs per SM as fit ("fit": resolved per shape from the
+    # compiled kernel's registers and shared memory) or one; chosen from the sm_90 register
+    # and shared-memory counts of tools/kernel_aot.py (docs/kernels.md)
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
+    {"CH": 1024, "num_warps": 8, "PERSIST": "fit", "PIPE": 2, "WPRE": 1},
+    {"CH": 1024, "num_warps": 8, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
+    {"CH": 1024, "num_warps": 8, "PERSIST": 2, "PIPE": 3, "WPRE": 1},
+    {"CH": 1024, "num_warps": 8, "PERSIST": 1, "PIPE": 4, "WPRE": 1},
+    {"CH": 2048, "num_warps": 8, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "PIPE": 3},
+    {"CH": 2048, "num_warps": 16, "PERSIST": 1, "PIPE": 3, "WPRE": 1},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
@@ -262,6 +274,8 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
         best = None
         for cfg in cfgs:
             cfg = {"ROWS": 1, **cfg}
+            if cfg.get("PERSIST") == "fit":
+                cfg["PERSIST"] = programs_that_fit(vs[name], T, H, cfg)
             try:
                 row = bench_one(timer, bw, name, vs[name], T, H, cfg, inductor=False)
             except Exception as exc:  # a config that does not compile is a result, not a crash
@@ -289,6 +303,22 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
                                     "keys: family/hidden/size (lowering/norm_quant_triton.tuning_key)",
                            "environment": env, "configs": table}, f, indent=1, sort_keys=True)
     return rows
+
+
+def programs_that_fit(spec: NormQuantSpec, T: int, H: int, cfg: dict) -> int:
+    """Programs per SM of the persistent plan `cfg` that can be resident at once on this GPU
+    (at least 1): its kernel compiled, its registers and shared memory against the SM's."""
+    from ..lowering.norm_quant_triton import launch
+    from .kernel_aot import resident_programs
+
+    info: dict = {}
+    launch(spec, *_inputs(spec, T, H), tuning=dict(cfg, PERSIST=1), info=info)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    res = dict(regs=info["n_regs"], shared=info["shared"], num_warps=info["num_warps"])
+    limits = dict(regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+                  smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472),
+                  threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048))
+    return max(1, resident_programs(res, **limits))
 
 
 def _print_table(rows: list[dict]) -> None:
