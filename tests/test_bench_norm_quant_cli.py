@@ -1,6 +1,7 @@
 """CPU checks of `fusewright bench norm-quant`'s arguments (the timings need a GPU)."""
 
 import argparse
+import json
 
 import pytest
 
@@ -73,3 +74,39 @@ def test_flush_l2_reads_or_writes_and_names_bad_modes():
     assert int(buf.sum()) == 0
     with pytest.raises(ValueError, match=r"one of \('read', 'write'\)"):
         flush_l2(buf, "both")
+
+
+def test_sweep_shapes_and_their_plans():
+    """The shapes a sweep times, in order, and plans that `plan` accepts ("fit" programs per SM
+    is resolved on the GPU; 1 stands in for it here)."""
+    from fusewright.lowering.norm_quant_plan import plan
+
+    shapes = list(bnq.sweep_shapes(["token", "local+col"], ("mid", "small")))
+    assert [(f, v, size, T, H) for f, v, size, T, H, _ in shapes] == [
+        ("token", "token", "mid", 4096, 4096), ("token", "token", "mid", 4096, 5120),
+        ("token", "token", "mid", 4096, 7168), ("token", "token", "mid", 4096, 8192),
+        ("token", "token", "small", 64, 4096), ("token", "token", "small", 64, 7168),
+        ("local+col", "group64_col", "mid", 4096, 4096), ("local+col", "group64_col", "mid", 4096, 7168),
+        ("local+col", "group64_col", "small", 64, 4096), ("local+col", "group64_col", "small", 64, 7168)]
+    assert [H for *_, H, _ in bnq.sweep_shapes(["token"], ("large",), [1536])] == [1536]
+    vs = bnq.variants()
+    for fam, name, size, T, H, cfgs in bnq.sweep_shapes(list(bnq.SWEEP_FAMILIES), bnq.SWEEP_SIZES):
+        for cfg in cfgs:
+            p = plan(vs[name], H, dict(cfg, PERSIST=1) if cfg.get("PERSIST") == "fit" else cfg, T)
+            assert p["ROWS"] == cfg["ROWS"] and (p["PIPE"] == 0 or p["PERSIST"]), (fam, size, cfg)
+    mid = {json.dumps(c, sort_keys=True) for c in shapes[0][5]}
+    assert any('"PIPE": 3' in c and '"PERSIST": "fit"' in c for c in mid)
+
+
+def test_sweep_compile_workers_argument_and_jobs():
+    assert _args("--sweep", "--compile-workers", "0").compile_workers == 0
+    assert _args().compile_workers >= 1
+    shapes = list(bnq.sweep_shapes(["token"], ("mid",), [4096]))
+    jobs = bnq.compile_jobs(shapes)
+    # one job per distinct kernel: plans that differ only in programs per SM ("fit" too)
+    # compile the same kernel, as PERSIST 1
+    kernels = {json.dumps({k: v for k, v in c.items() if k != "PERSIST"} | {"P": bool(c.get("PERSIST"))},
+                          sort_keys=True) for c in shapes[0][5]}
+    assert len(jobs) == len(kernels) < len(shapes[0][5])
+    assert all(j[:3] == ("token", 4096, 4096) and j[3].get("PERSIST", 0) in (0, 1) for j in jobs)
+    assert len(bnq.compile_jobs(shapes + shapes)) == len(jobs)

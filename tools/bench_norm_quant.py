@@ -12,7 +12,13 @@ bandwidth measured in the same run.
 
     fusewright bench norm-quant                      # default table
     fusewright bench norm-quant --quick --json out.json
-    fusewright bench norm-quant --sweep              # tile configs at T=16384, H=7168
+    fusewright bench norm-quant --sweep              # tile plans per family, H and size class
+    fusewright bench norm-quant --sweep --sweep-sizes mid --families token,local,local+col \
+        --write-tuning lowering/norm_quant_tuning.json   # re-tune T=4096 only, merged into the table
+
+The sweep compiles its plans in `--compile-workers` processes before timing them, and
+compiles a small stock-Inductor graph first so that its kernels are assembled by the
+ptxas a compiled model uses.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 
@@ -255,12 +262,68 @@ SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH"
 SWEEP_AT = {"large": (16384, SWEEP_LARGE), "mid": (4096, SWEEP_MID), "small": (64, SWEEP_SMALL)}
 
 
+def sweep_shapes(families: list[str], sizes: tuple[str, ...], hidden: list[int] | None = None):
+    """(family, variant, size class, T, H, plans) of each shape a sweep times, in its order."""
+    for fam in families:
+        for size in sizes:
+            T, cfgs = SWEEP_AT[size]
+            for H in hidden or (SWEEP_SMALL_H if size == "small" else SWEEP_H[fam]):
+                yield fam, SWEEP_FAMILIES[fam], size, T, H, [{"ROWS": 1, **c} for c in cfgs]
+
+
+def _compile_job(job) -> str | None:
+    """Pool worker: compile (and run once) one sweep plan; None, or why it failed."""
+    name, T, H, cfg = job
+    from ..lowering.norm_quant_triton import launch
+
+    try:
+        spec = variants()[name]
+        launch(spec, *_inputs(spec, T, H), tuning=cfg)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def compile_jobs(shapes: list) -> list[tuple]:
+    """(variant, T, H, plan) of each distinct kernel compile of the sweep `shapes` (programs per
+    SM change the grid, not the kernel: every persistent plan compiles as PERSIST 1)."""
+    jobs = {(name, T, H, json.dumps(dict(c, PERSIST=1) if c.get("PERSIST") else c, sort_keys=True))
+            for _, name, _, T, H, cfgs in shapes for c in cfgs}
+    return [(name, T, H, json.loads(c)) for name, T, H, c in sorted(jobs)]
+
+
+def precompile(shapes: list, workers: int) -> None:
+    """Compile every plan of the sweep in `workers` processes first, so the timing loop finds
+    them in Triton's on-disk cache: one process compiles the ~30 plans of a shape one after
+    another (seconds each), which is most of a sweep's time on a device lent by the minute.
+    Workers inherit the environment, so the ptxas chosen for the sweep (see `sweep`) too."""
+    import multiprocessing
+
+    jobs = compile_jobs(shapes)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        failed = [(j, e) for j, e in zip(jobs, pool.map(_compile_job, jobs)) if e]
+    print(f"precompiled {len(jobs)} plans in {workers} processes; {len(failed)} failed", flush=True)
+    for job, err in failed:  # the timing loop reports them again, and skips them
+        print(f"  {job}: {err}", flush=True)
+
+
 def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, env: dict,
-          hidden: list[int] | None = None, sizes: tuple[str, ...] = SWEEP_SIZES) -> list[dict]:
+          hidden: list[int] | None = None, sizes: tuple[str, ...] = SWEEP_SIZES,
+          compile_workers: int = 0) -> list[dict]:
     """Time each tile config per family, hidden size and size class; with `out_path`, the
     fastest go into that tuning table. Entries of an existing table that this sweep did not
-    measure are kept, so one size class or hidden size can be re-swept on its own."""
+    measure are kept, so one size class or hidden size can be re-swept on its own.
+
+    Stock Inductor compiles a small graph first, as in a compiled model: its first compile
+    points TRITON_PTXAS_PATH at torch's ptxas, which then assembles every Triton kernel of
+    the process, so the plans are chosen as a compiled model will run them (docs/act-quant.md)."""
     vs = variants()
+    _inductor_fn(vs["token"])(*_inputs(vs["token"], 8, 256))
+    env["ptxas"] = os.environ.get("TRITON_PTXAS_PATH", "triton's own")
+    shapes = list(sweep_shapes(families, sizes, hidden))
+    if compile_workers > 0:
+        precompile(shapes, compile_workers)
     rows = []
     table = {}
     if out_path:
@@ -273,7 +336,7 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
     def best_of(fam, name, T, H, cfgs):
         best = None
         for cfg in cfgs:
-            cfg = {"ROWS": 1, **cfg}
+            cfg = dict(cfg)
             if cfg.get("PERSIST") == "fit":
                 cfg["PERSIST"] = programs_that_fit(vs[name], T, H, cfg)
             try:
@@ -289,14 +352,11 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
         return best
 
     for fam in families:
-        name = SWEEP_FAMILIES[fam]
-        for size in sizes:
-            T, cfgs = SWEEP_AT[size]
-            for H in hidden or (SWEEP_SMALL_H if size == "small" else SWEEP_H[fam]):
-                best = best_of(fam, name, T, H, cfgs)
-                if best:
-                    table[f"{fam}/{H}/{size}"] = dict(best[1], us=best[0], measured_at=f"T={T}",
-                                                      run=env.get("date"), l2_flush=env.get("l2_flush"))
+        for _, name, size, T, H, cfgs in (s for s in shapes if s[0] == fam):
+            best = best_of(fam, name, T, H, cfgs)
+            if best:
+                table[f"{fam}/{H}/{size}"] = dict(best[1], us=best[0], measured_at=f"T={T}",
+                                                  run=env.get("date"), l2_flush=env.get("l2_flush"))
         if out_path:  # written after each family, so a cut-off sweep still leaves a table
             with open(out_path, "w") as f:
                 json.dump({"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
@@ -353,12 +413,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how L2 is emptied before each large-T call: read a 256 MB buffer "
                              "(default: L2 left clean) or write it (L2 left dirty, as do_bench does)")
     parser.add_argument("--small", action="store_true", help="also token counts 1..256 under CUDA graphs")
-    parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (no Inductor)")
+    parser.add_argument("--sweep", action="store_true", help="tile configs per family and H (timed without Inductor)")
     parser.add_argument("--families", default="token,local,local+res", help="--sweep: families to tune")
     parser.add_argument("--sweep-hidden", default=None,
                         help="--sweep: comma-separated hidden sizes instead of the default ones (e.g. 1536)")
     parser.add_argument("--sweep-sizes", default=",".join(SWEEP_SIZES),
                         help="--sweep: size classes to tune (large: T=16384, mid: T=4096, small: T=64)")
+    parser.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="--sweep: processes that compile the plans before the timing loop (0: none; "
+                             "default %(default)s)")
     parser.add_argument("--write-tuning", metavar="PATH",
                         help="--sweep: write the best plans into this tuning table (entries not swept are kept)")
     parser.add_argument("--shapes", default=None, help="TxH,TxH,... instead of the default shapes")
@@ -437,7 +500,7 @@ def main(args: argparse.Namespace, config=None) -> int:
     if args.sweep:
         hidden = [int(h) for h in args.sweep_hidden.split(",")] if args.sweep_hidden else None
         rows = sweep(timer, bw, args.families.split(","), args.write_tuning, env, hidden,
-                     tuple(args.sweep_sizes.split(",")))
+                     tuple(args.sweep_sizes.split(",")), args.compile_workers)
     else:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
