@@ -13,8 +13,8 @@ bandwidth measured in the same run.
     fusewright bench norm-quant                      # default table
     fusewright bench norm-quant --quick --json out.json
     fusewright bench norm-quant --sweep              # tile plans per family, H and size class
-    fusewright bench norm-quant --sweep --sweep-sizes mid --families token,local,local+col \
-        --write-tuning lowering/norm_quant_tuning.json   # re-tune T=4096 only, merged into the table
+    # re-tune T=4096 only, merged into the shipped table
+    fusewright bench norm-quant --sweep --sweep-sizes mid --families token,local,local+col --write-tuning lowering/norm_quant_tuning.json
 
 The sweep compiles its plans in `--compile-workers` processes before timing them, and
 compiles a small stock-Inductor graph first so that its kernels are assembled by the
