@@ -216,7 +216,7 @@ def _interp_worker() -> dict:
         if name not in _CORE and name not in ("token-f32", "fast-token_div", "token-ret", "gemma-g128-ret"):
             continue
         for shape, wpre, pipe in (((9, 256), 0, 0), ((5, 320), 1, 0), ((7, 2, 64), 0, 0), ((9, 256), 1, 0),
-                                  ((9, 320), 0, 3), ((7, 2, 64), 1, 2)):
+                                  ((9, 384), 0, 3), ((7, 2, 64), 1, 2)):
             if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
                 continue
             x, w, r, s = grid_inputs(spec, shape)

@@ -244,9 +244,9 @@ SWEEP_MID = SWEEP_LARGE + [
     {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1}, {"CH": 512, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
     {"CH": 1024, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
     # software-pipelined persistent loops (PIPE stages: PIPE - 1 rows in flight through shared
-    # memory per program), as many programs per SM as fit ("fit": resolved per shape from the
-    # compiled kernel's registers and shared memory) or one; chosen from the sm_90 register
-    # and shared-memory counts of tools/kernel_aot.py (docs/kernels.md)
+    # memory per program), with as many programs per SM as fit ("fit": resolved per shape from
+    # the compiled kernel's registers and shared memory) or a fixed count; chosen from the
+    # sm_90 register and shared-memory counts of tools/kernel_aot.py (docs/kernels.md)
     {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
     {"CH": 1024, "num_warps": 8, "PERSIST": "fit", "PIPE": 2, "WPRE": 1},
     {"CH": 1024, "num_warps": 8, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
