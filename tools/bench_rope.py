@@ -194,7 +194,6 @@ def bench_shape(seq, heads, head_dim, device, timer, copy_bw, reps) -> list[dict
                    speedup_vs_inductor_strided=base / row["us"])
         if copy_bw:
             row["pct_copy_limit"] = 100.0 * nbytes / (row["us"] * 1e-6) / copy_bw
-    del q, k, fc, fs
     return rows
 
 
