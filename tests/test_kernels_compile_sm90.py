@@ -4,7 +4,7 @@ The interpreter tests check the kernels' arithmetic on CPU but never compile the
 tests compile them only where there is a GPU, which CI has not. Here the real launch code
 runs with CPU tensors under `tools.kernel_aot.compile_only`, so each kernel is compiled by
 Triton's CUDA backend (and assembled by its ptxas) with the constexprs and plans a GPU run
-would use - the shipped tuning plans, each norm-quant plan shape (one program per rows,
+would use - the shipped tuning plans, each norm-quant plan shape (one program per ROWS rows,
 register-prefetch persistent, software-pipelined persistent) and the act-quant row
 layouts. The compiled kernels are then checked for what the plans rely on: no register
 spills, and asynchronous copies exactly where a plan asks for a pipelined loop.
@@ -52,6 +52,7 @@ def _worker() -> dict:
 
     from fusewright.lowering import act_quant_triton, norm_quant_triton, rms_norm_triton, rope_triton
     from fusewright.tools.bench_act_quant import variants as act_variants
+    from fusewright.tools.bench_norm_quant import make_inputs
     from fusewright.tools.bench_norm_quant import variants as nq_variants
     from fusewright.tools.kernel_aot import CompileOnly, compile_only, resources
 
@@ -83,7 +84,7 @@ def _worker() -> dict:
         for name, hidden, rows, tuning in _nq_cases():
             spec = nvs[name]
             torch.manual_seed(0)
-            args = _nq_inputs(spec, rows, hidden)
+            args = make_inputs(spec, rows, hidden, device="cpu")
             record(f"nq:{name}:{hidden}:{rows}:{json.dumps(tuning)}", nq,
                    lambda: norm_quant_triton.launch(spec, *args, tuning=tuning))
 
@@ -117,15 +118,6 @@ def _worker() -> dict:
                                               cos.expand(1, 4096, 32, 64), cos.expand(1, 4096, 32, 64),
                                               interleaved=interleaved))
     return out
-
-
-def _nq_inputs(spec, rows, hidden):
-    """bench norm-quant's inputs for a spec (`_inputs`), on the CPU."""
-    x = torch.randn(rows, hidden, dtype=spec.norm.input_dtype)
-    w = torch.randn(hidden, dtype=spec.norm.weight_dtype) if spec.norm.weight != "none" else None
-    r = torch.randn_like(x) if spec.norm.residual != "none" else None
-    s = torch.tensor(0.05) if spec.quant.kind == "fp8_static" else None
-    return x, w, r, s
 
 
 @pytest.fixture(scope="module")

@@ -165,11 +165,12 @@ def copy_bandwidth(timer: Timer, detail: dict | None = None) -> float:
     return max(memcpy, kernel)
 
 
-def _inputs(spec: NormQuantSpec, T: int, H: int):
-    x = torch.randn(T, H, device="cuda", dtype=spec.norm.input_dtype)
-    w = torch.randn(H, device="cuda", dtype=spec.norm.weight_dtype) if spec.norm.weight != "none" else None
+def make_inputs(spec: NormQuantSpec, T: int, H: int, device: str = "cuda"):
+    """Random (x, weight, residual, static scale) for `spec`, None where it takes none."""
+    x = torch.randn(T, H, device=device, dtype=spec.norm.input_dtype)
+    w = torch.randn(H, device=device, dtype=spec.norm.weight_dtype) if spec.norm.weight != "none" else None
     r = torch.randn_like(x) if spec.norm.residual != "none" else None
-    s = torch.tensor(0.05, device="cuda") if spec.quant.kind == "fp8_static" else None
+    s = torch.tensor(0.05, device=device) if spec.quant.kind == "fp8_static" else None
     return x, w, r, s
 
 
@@ -186,7 +187,7 @@ def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H
               tuning: dict | None = None, inductor: bool = True) -> dict:
     from ..lowering.norm_quant_triton import launch
 
-    args = _inputs(spec, T, H)
+    args = make_inputs(spec, T, H)
     small = T <= 256
     measure = timer.graph if small else timer.hbm
     info: dict = {}
@@ -278,7 +279,7 @@ def _compile_job(job) -> str | None:
 
     try:
         spec = variants()[name]
-        launch(spec, *_inputs(spec, T, H), tuning=cfg)
+        launch(spec, *make_inputs(spec, T, H), tuning=cfg)
         torch.cuda.synchronize()
         return None
     except Exception as exc:
@@ -319,7 +320,7 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
     points TRITON_PTXAS_PATH at torch's ptxas, which then assembles every Triton kernel of
     the process, so the plans are chosen as a compiled model will run them (docs/act-quant.md)."""
     vs = variants()
-    _inductor_fn(vs["token"])(*_inputs(vs["token"], 8, 256))
+    _inductor_fn(vs["token"])(*make_inputs(vs["token"], 8, 256))
     env["ptxas"] = os.environ.get("TRITON_PTXAS_PATH", "triton's own")
     shapes = list(sweep_shapes(families, sizes, hidden))
     if compile_workers > 0:
@@ -372,7 +373,7 @@ def programs_that_fit(spec: NormQuantSpec, T: int, H: int, cfg: dict) -> int:
     from .kernel_aot import resident_programs
 
     info: dict = {}
-    launch(spec, *_inputs(spec, T, H), tuning=dict(cfg, PERSIST=1), info=info)
+    launch(spec, *make_inputs(spec, T, H), tuning=dict(cfg, PERSIST=1), info=info)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     res = dict(regs=info["n_regs"], shared=info["shared"], num_warps=info["num_warps"])
     limits = dict(regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
