@@ -9,7 +9,8 @@ installs), so these checks need no GPU:
 
     with compile_only(arch=90):
         kernel = CompileOnly(norm_quant_triton._rms_norm_quant_kernel)
-        ...  # call the real launch code with CPU tensors: it compiles, launches nothing
+        norm_quant_triton._rms_norm_quant_kernel = kernel  # what launch() calls
+        norm_quant_triton.launch(spec, x, w)  # CPU tensors: compiles, launches nothing
         resources(kernel.last)  # registers, spills, shared memory, async copies
 
 `compile_only` makes a stand-in the active Triton driver: it names the target and device
