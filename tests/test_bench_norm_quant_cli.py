@@ -110,3 +110,13 @@ def test_sweep_compile_workers_argument_and_jobs():
     assert len(jobs) == len(kernels) < len(shapes[0][5])
     assert all(j[:3] == ("token", 4096, 4096) and j[3].get("PERSIST", 0) in (0, 1) for j in jobs)
     assert len(bnq.compile_jobs(shapes + shapes)) == len(jobs)
+
+
+def test_table_row_shows_persistent_plans_and_their_fit(capsys):
+    row = dict(variant="token", T=4096, H=8192, triton_us=40.0, triton_pct_of_limit=84.0,
+               plan=dict(CH=1024, NCH=8, ROWS=1, num_warps=4, n_regs=168, n_spills=0, PERSIST=8, fit=3, PIPE=0,
+                         WPRE=1))
+    bnq._print_table([row, dict(row, plan=dict(row["plan"], PERSIST=2, fit=2, PIPE=3, WPRE=0))])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].endswith("CH1024x8 R1 w4 regs168 spill0 persist8(fit 3) wpre")
+    assert out[-1].endswith("persist2(fit 2) pipe3")

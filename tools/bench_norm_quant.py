@@ -192,6 +192,9 @@ def bench_one(timer: Timer, bw: float, name: str, spec: NormQuantSpec, T: int, H
     measure = timer.graph if small else timer.hbm
     info: dict = {}
     launch(spec, *args, tuning=tuning, info=info)
+    if info.get("PERSIST") and info.get("n_regs") is not None:
+        # more programs per SM than fit start only as others finish: shown beside the plan
+        info["fit"] = _resident(info)
     ours = measure(lambda: launch(spec, *args, tuning=tuning))
     row = dict(variant=name, T=T, H=H, timer="cuda_graph" if small else "l2_flushed",
                triton_us=round(ours, 2), plan=info)
@@ -366,20 +369,26 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
     return rows
 
 
-def programs_that_fit(spec: NormQuantSpec, T: int, H: int, cfg: dict) -> int:
-    """Programs per SM of the persistent plan `cfg` that can be resident at once on this GPU
-    (at least 1): its kernel compiled, its registers and shared memory against the SM's."""
-    from ..lowering.norm_quant_triton import launch
+def _resident(info: dict) -> int:
+    """Programs of a launched kernel (`launch`'s `info`) that fit on one SM of this GPU."""
     from .kernel_aot import resident_programs
 
-    info: dict = {}
-    launch(spec, *make_inputs(spec, T, H), tuning=dict(cfg, PERSIST=1), info=info)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     res = dict(regs=info["n_regs"], shared=info["shared"], num_warps=info["num_warps"])
     limits = dict(regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
                   smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472),
                   threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048))
-    return max(1, resident_programs(res, **limits))
+    return resident_programs(res, **limits)
+
+
+def programs_that_fit(spec: NormQuantSpec, T: int, H: int, cfg: dict) -> int:
+    """Programs per SM of the persistent plan `cfg` that can be resident at once on this GPU
+    (at least 1): its kernel compiled, its registers and shared memory against the SM's."""
+    from ..lowering.norm_quant_triton import launch
+
+    info: dict = {}
+    launch(spec, *make_inputs(spec, T, H), tuning=dict(cfg, PERSIST=1), info=info)
+    return max(1, _resident(info))
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -391,8 +400,8 @@ def _print_table(rows: list[dict]) -> None:
         p = r.get("plan", {})
         ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')} regs{p.get('n_regs')} spill{p.get('n_spills')}"
         if p.get("PERSIST"):
-            ptxt += f" persist{p['PERSIST']}" + (f" pipe{p['PIPE']}" if p.get("PIPE") else "") + \
-                (" wpre" if p.get("WPRE") else "")
+            ptxt += f" persist{p['PERSIST']}" + (f"(fit {p['fit']})" if "fit" in p else "") + \
+                (f" pipe{p['PIPE']}" if p.get("PIPE") else "") + (" wpre" if p.get("WPRE") else "")
         print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
               f"{r.get('triton_pct_of_same_bytes_copy', float('nan')):6.1f} "
               f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
