@@ -375,9 +375,11 @@ def _resident(info: dict) -> int:
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     res = dict(regs=info["n_regs"], shared=info["shared"], num_warps=info["num_warps"])
-    limits = dict(regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
-                  smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472),
-                  threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048))
+    # the SM's limits as torch reports them; one it does not report keeps resident_programs'
+    # H100 default
+    limits = {arg: getattr(props, attr) for arg, attr in (
+        ("regs_per_sm", "regs_per_multiprocessor"), ("smem_per_sm", "shared_memory_per_multiprocessor"),
+        ("threads_per_sm", "max_threads_per_multi_processor")) if hasattr(props, attr)}
     return resident_programs(res, **limits)
 
 
