@@ -86,6 +86,7 @@ def test_embedded_example_end_to_end_on_cpu(tmp_path):
     assert " -> aten (auto: " in detail
 
 
-def test_python_dash_m_entry_point():
-    result = subprocess.run([sys.executable, "-m", "fusewright", "--help"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["fusewright", "fusewright.tools.cli"])
+def test_python_dash_m_entry_point(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "graph-diff" in result.stdout

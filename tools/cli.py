@@ -57,3 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help exits 0, a usage error exits 2
         return int(exc.code or 0)
     return int(args._module.main(args, config) or 0)
+
+
+if __name__ == "__main__":  # python -m fusewright.tools.cli, where the console script is not installed
+    sys.exit(main())
