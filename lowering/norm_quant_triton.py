@@ -50,7 +50,7 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    _c32, _cvt_out, _div_exact, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
+    _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
     _scale_from_amax, _store_y, _up,
 )
 
@@ -169,6 +169,37 @@ def _token_chunk(h, wv, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, o
 
 
 @triton.jit
+def _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H: tl.constexpr,
+                  CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, APPLY: tl.constexpr,
+                  UE8M0: tl.constexpr, INT8: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr,
+                  MASKED: tl.constexpr, INTERP: tl.constexpr, YS_DT: tl.constexpr, DIVOK: tl.constexpr):
+    """Per-token kinds: quantize and store every kept chunk with the row's scale."""
+    _quant_store(_up(yk0, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                 CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 1:
+        _quant_store(_up(yk1, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 2:
+        _quant_store(_up(yk2, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 3:
+        _quant_store(_up(yk3, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 4:
+        _quant_store(_up(yk4, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 5:
+        _quant_store(_up(yk5, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 6:
+        _quant_store(_up(yk6, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+    if NCH > 7:
+        _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
+                     CHI, FAST, MASKED, INTERP, DIVOK)
+
+
+@triton.jit
 def _process(
     rows, x0, x1, x2, x3, x4, x5, x6, x7,
     r0, r1, r2, r3, r4, r5, r6, r7,
@@ -274,23 +305,20 @@ def _process(
             tl.store(s_ptr + rows, s_row)
         else:
             tl.store(s_ptr + rows, s_row, mask=rows < M)
+        rs_row = tl.div_rn(_c32(1.0), s_row)
         s3 = s_row[:, None, None]
-        rs3 = tl.div_rn(_c32(1.0), s3)
-        _quant_store(_up(yk0, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 1:
-            _quant_store(_up(yk1, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 2:
-            _quant_store(_up(yk2, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 3:
-            _quant_store(_up(yk3, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 4:
-            _quant_store(_up(yk4, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 5:
-            _quant_store(_up(yk5, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 6:
-            _quant_store(_up(yk6, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
-        if NCH > 7:
-            _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP)
+        rs3 = rs_row[:, None, None]
+        if APPLY == 0 and not FAST and not UE8M0 and not INT8:  # _quant_store divides
+            # one test per program picks the division: the special cases are rows with inf or NaN
+            if tl.min(_div_ok(am, s_row, rs_row).to(tl.int32), 0) == 1:
+                _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, True)
+            else:
+                _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, False)
+        else:
+            _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG, GS,
+                          APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, False)
     else:
         _chunk_local(_up(h0, HS_DT, INTERP), w0, 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                      H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,

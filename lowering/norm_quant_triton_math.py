@@ -181,6 +181,35 @@ def _div_exact(a, b, rb):
     return tl.where((r == 0.0) | (q1 != q1), q0, q1)
 
 
+# where _div_exact's correction needs no special case: divisors of normal size, quotients
+# far from overflow (the bounds leave margin on both sides of Markstein's conditions)
+_DIVOK_B_MIN = tl.constexpr(2.0 ** -125)
+_DIVOK_B_MAX = tl.constexpr(2.0 ** 125)
+_DIVOK_Q_MAX = tl.constexpr(2.0 ** 120)
+
+
+@triton.jit
+def _div_ok(amax, b, rb):
+    """True where `_div_exact_ok(a, b, rb)` equals `_div_exact(a, b, rb)` for every |a| <= amax:
+    b normal and not near the f32 range ends, amax / b finite and far from overflow (false
+    for a NaN or inf amax, b or rb)."""
+    return (b >= _DIVOK_B_MIN) & (b <= _DIVOK_B_MAX) & (amax * rb < _DIVOK_Q_MAX)
+
+
+@triton.jit
+def _div_exact_ok(a, b, rb):
+    """`_div_exact` without its special cases, for divisors `_div_ok` accepted: the corrected
+    quotient q1 is then finite, equal to q0 where the residual is zero, except for the sign
+    of a zero quotient, which q0's sign bit restores. The per-token kernel divides each
+    element by the row's scale: this drops the NaN and zero tests and the select, 4 of its
+    ~27 SASS instructions per element (sm_90, triton 3.6; docs/kernels.md)."""
+    q0 = a * rb
+    r = tl.fma(-q0, b, a)
+    q1 = tl.fma(r, rb, q0)
+    sign = q0.to(tl.uint32, bitcast=True) & 0x80000000
+    return (q1.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -344,12 +373,16 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
 def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
                  GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
                  CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 INTERP: tl.constexpr, DIVOK: tl.constexpr = False):
+    """Quantize chunk c (scale s, its reciprocal rs) and store it. DIVOK: the caller has
+    checked with `_div_ok` that every scale of the chunk takes the short exact division."""
     if APPLY == 2:
         t = yq * s
     elif APPLY == 1 or FAST or UE8M0:
         # x / 2^k == x * 2^-k exactly, so ue8m0 scales may always multiply
         t = yq * rs
+    elif DIVOK:
+        t = _div_exact_ok(yq, s, rs)
     else:
         t = _div_exact(yq, s, rs)
     if INT8:
