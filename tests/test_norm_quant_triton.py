@@ -287,8 +287,9 @@ def _interp_worker() -> dict:
            # values quantize to zero, with the sign both keep)
            "short_vs_f64": int(((bits(q) != bits(cr_div)) & (a.abs() >= 2.0 ** -100)
                                 & (cr_div.abs() >= 2.0 ** -126))[okb].sum()),
-           "ok_rejects_specials": bool(not okb[-edge.numel() ** 2:][~(ea.flatten().isfinite() &
-                                                                       eb.flatten().isfinite())].any())}
+           # an inf or NaN dividend or divisor, a zero or subnormal divisor
+           "ok_rejects_specials": bool(not okb[-edge.numel() ** 2:][~(ea.flatten().isfinite() & eb.flatten().isfinite()
+                                                                       & (eb.flatten().abs() >= 2.0 ** -125))].any())}
 
     # what the interpreter itself does with f32 -> bf16 / fp8 (why the kernel emulates them)
     @triton.jit
@@ -375,7 +376,8 @@ def test_interpreter_matrix_bitwise(interp_result):
 
 def test_interpreter_short_exact_division(interp_result):
     """Where `_div_ok` accepts the divisor and the quotient's bound, the 4-op division is
-    bitwise the general one, and correctly rounded for normal quotients."""
+    bitwise the general one, and correctly rounded for normal quotients of dividends above
+    2^-100; it rejects what the general form's special cases are for."""
     div = interp_result["div"]
     assert div["ok"] > 0.8 * 60000, div
     assert div["short_vs_general"] == 0 and div["short_vs_f64"] == 0, div
