@@ -446,6 +446,13 @@ def main(args: argparse.Namespace, config=None) -> int:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=2)
+        # the other ranks wait for rank 0's report before tearing the group down: a gloo
+        # rank that exited while rank 0 was still writing once aborted at exit ("terminate
+        # called without an active exception", CPU CI, session 7)
+        if device == "cuda":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
