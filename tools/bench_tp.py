@@ -94,6 +94,17 @@ def kernel_counts(kernels: list) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- timing
+def _barrier(device: torch.device) -> None:
+    """Every rank waits here; on CUDA after its queued work, on the rank's own device."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
 class _Timer:
     def __init__(self, device: torch.device, reps: int, decode_calls: int) -> None:
         self.cuda = device.type == "cuda"
@@ -128,13 +139,7 @@ class _Timer:
         return graph.replay
 
     def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        _barrier(self.device)
 
     def run(self, runners: dict[str, Callable[[], Any]], flush: bool, calls: int) -> dict[str, dict]:
         samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -449,10 +454,7 @@ def main(args: argparse.Namespace, config=None) -> int:
         # the other ranks wait for rank 0's report before tearing the group down: a gloo
         # rank that exited while rank 0 was still writing once aborted at exit ("terminate
         # called without an active exception", CPU CI, session 7)
-        if device == "cuda":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        _barrier(torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device))
     finally:
         dist.destroy_process_group()
     return 0
