@@ -50,7 +50,7 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
+    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
     _scale_from_amax, _store_y, _up,
 )
 
@@ -172,31 +172,31 @@ def _token_chunk(h, wv, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, o
 def _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H: tl.constexpr,
                   CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, APPLY: tl.constexpr,
                   UE8M0: tl.constexpr, INT8: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr,
-                  MASKED: tl.constexpr, INTERP: tl.constexpr, YS_DT: tl.constexpr, DIVOK: tl.constexpr):
+                  MASKED: tl.constexpr, INTERP: tl.constexpr, YS_DT: tl.constexpr, DIV: tl.constexpr):
     """Per-token kinds: quantize and store every kept chunk with the row's scale."""
     _quant_store(_up(yk0, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                 CHI, FAST, MASKED, INTERP, DIVOK)
+                 CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 1:
         _quant_store(_up(yk1, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 2:
         _quant_store(_up(yk2, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 3:
         _quant_store(_up(yk3, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 4:
         _quant_store(_up(yk4, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 5:
         _quant_store(_up(yk5, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 6:
         _quant_store(_up(yk6, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
     if NCH > 7:
         _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIVOK)
+                     CHI, FAST, MASKED, INTERP, DIV)
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _process(
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
-    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, WPRE: tl.constexpr,
+    RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, WPRE: tl.constexpr, SDIV: tl.constexpr,
 ):
     """Everything after the raw loads of the rows' chunks x0.. (and residual r0..; unused
     ones are dummies) and, with WPRE, of the weight chunks w0.. (else dummies)."""
@@ -312,45 +312,45 @@ def _process(
             # one test per program picks the division: the special cases are rows with inf or NaN
             if tl.min(_div_ok(am, s_row, rs_row).to(tl.int32), 0) == 1:
                 _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
-                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, True)
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, DIV_OK)
             else:
                 _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
-                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, False)
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV)
         else:
             _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG, GS,
-                          APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, False)
+                          APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV)
     else:
         _chunk_local(_up(h0, HS_DT, INTERP), w0, 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                      H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 1:
             _chunk_local(_up(h1, HS_DT, INTERP), w1, 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 2:
             _chunk_local(_up(h2, HS_DT, INTERP), w2, 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 3:
             _chunk_local(_up(h3, HS_DT, INTERP), w3, 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 4:
             _chunk_local(_up(h4, HS_DT, INTERP), w4, 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 5:
             _chunk_local(_up(h5, HS_DT, INTERP), w5, 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 6:
             _chunk_local(_up(h6, HS_DT, INTERP), w6, 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
         if NCH > 7:
             _chunk_local(_up(h7, HS_DT, INTERP), w7, 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP)
+                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
 
 
 
@@ -369,7 +369,7 @@ def _rms_norm_quant_kernel(
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr, WPRE: tl.constexpr,
-    PIPE: tl.constexpr,
+    PIPE: tl.constexpr, SDIV: tl.constexpr,
 ):
     """One program per ROWS rows, or (PERSIST) a persistent loop over rows, in one of two forms:
 
@@ -394,7 +394,7 @@ def _rms_norm_quant_kernel(
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
     elif PERSIST:
         nprog = tl.num_programs(0)
         rows = pid + tl.arange(0, 1)
@@ -410,7 +410,7 @@ def _rms_norm_quant_kernel(
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
             x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
             r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
             rows = nrows
@@ -423,7 +423,7 @@ def _rms_norm_quant_kernel(
                  r0, r1, r2, r3, r4, r5, r6, r7,
                  w0, w1, w2, w3, w4, w5, w6, w7,
                  w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE)
+                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
 
 
 @triton.jit
@@ -435,15 +435,26 @@ def _chunk_local(h, wv, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr
                  SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr,
                  CLO: tl.constexpr,
                  CHI: tl.constexpr, RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 WPRE: tl.constexpr, INTERP: tl.constexpr):
+                 WPRE: tl.constexpr, INTERP: tl.constexpr, SDIV: tl.constexpr):
     """Static or per-group quantization of chunk c (needs nothing from the other chunks)."""
     ya, yq = _normalize(h, rinv, rsq, w_ptr, wv, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, WPRE, INTERP)
     if KIND == 0:
-        _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI, FAST,
-                     MASKED, INTERP)
+        if APPLY == 0 and not FAST:
+            # a static scale's sign is known only at run time (`_div_exact_nonneg` needs it not
+            # negative): one scalar test per chunk
+            if s_static >= 0.0:
+                _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO,
+                             CHI, FAST, MASKED, INTERP, DIV_NONNEG)
+            else:
+                _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO,
+                             CHI, FAST, MASKED, INTERP, DIV_ANY)
+        else:
+            _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI,
+                         FAST, MASKED, INTERP)
     else:
         _group_finish(ya, yq, c, rows, rmask3, M, q_ptr, orow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
-                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
+                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP,
+                      SDIV)
     if RET_Y:
         _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
 
@@ -452,6 +463,23 @@ def _chunk_local(h, wv, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr
 def _f32_recip(v: float) -> float:
     """RN_f32(1 / v) as a Python float (the reciprocal `_div_exact` needs for a constant divisor)."""
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(v), dtype=torch.float32))
+
+
+def _scale_division(quant) -> int:
+    """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): with
+    `_div_exact_nonneg` (DIV_NONNEG) where no scale can be negative, else `_div_exact`.
+
+    A scale comes from an amax >= 0 (or NaN, inf); only a negative amax bound or scale
+    constant can make it negative, and a floor >= 0 on the scale puts it back (NaN stays
+    NaN, which either division handles). Static scales are tested at run time instead."""
+    if not quant.dynamic:
+        return int(DIV_ANY)
+    floor_ok = quant.floor is not None and quant.floor >= 0
+    if floor_ok and quant.floor_on == "scale":
+        return int(DIV_NONNEG)
+    amax_ok = quant.amax_ub is None or quant.amax_ub >= 0 or (floor_ok and quant.floor_on == "amax")
+    const_ok = math.copysign(1.0, quant.scale_const) > 0  # a / -0.0 is -inf
+    return int(DIV_NONNEG) if amax_ok and const_ok else int(DIV_ANY)
 
 
 @functools.lru_cache(maxsize=8)
@@ -500,6 +528,7 @@ def _spec_kwargs(spec: NormQuantSpec, hidden: int, has_weight: bool, scale_dtype
         APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
         SIN_DT=_DT_CODE.get(scale_dtype, 0) if scale_dtype is not None else 0,
         RET_Y=bool(spec.return_normalized), FAST=spec.numerics == "fast", INTERP=interp,
+        SDIV=_scale_division(quant),
     )
 
 

@@ -197,17 +197,37 @@ def _div_ok(amax, b, rb):
 
 
 @triton.jit
-def _div_exact_ok(a, b, rb):
-    """`_div_exact` without its special cases, for divisors `_div_ok` accepted: the corrected
-    quotient q1 is then finite, equal to q0 where the residual is zero, except for the sign
-    of a zero quotient, which q0's sign bit restores. The per-token kernel divides each
-    element by the row's scale: this drops the NaN and zero tests and the select, 4 of its
-    ~27 SASS instructions per element (sm_90, triton 3.6; docs/kernels.md)."""
+def _neg(x):
+    """-x with the sign of a zero flipped too. Triton's unary minus is `0 - x` in some
+    versions (3.6: +0 for x = +-0); a product by -1 is exact and compiles to a negated
+    operand of the instruction that uses it."""
+    return x * -1.0
+
+
+@triton.jit
+def _div_exact_nonneg(a, b, rb):
+    """`_div_exact` for a divisor that is not negative (+-0, +inf and NaN included), one
+    select shorter. The residual is taken with the opposite sign, rn = q0*b - a = -r
+    exactly (an fma rounds symmetrically), so q1 = fma(-rn, rb, q0) is the same value; where
+    rn is zero, a = +-0 and the zero added to q0 is -0 (b >= 0), so q1 keeps the sign of a
+    zero q0 without the residual test. Only the non-finite cases (q1 NaN) keep q0. Bitwise
+    `_div_exact` for every such b (interpreter test); for b < 0 a +0 dividend would lose the
+    quotient's sign, so callers use this form only where the divisor's sign is known."""
     q0 = a * rb
-    r = tl.fma(-q0, b, a)
-    q1 = tl.fma(r, rb, q0)
-    sign = q0.to(tl.uint32, bitcast=True) & 0x80000000
-    return (q1.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    rn = tl.fma(q0, b, _neg(a))
+    q1 = tl.fma(_neg(rn), rb, q0)
+    return tl.where(q1 != q1, q0, q1)
+
+
+@triton.jit
+def _div_exact_ok(a, b, rb):
+    """`_div_exact_nonneg` without its NaN select, for divisors `_div_ok` accepted (positive,
+    q1 then always finite): three floating-point operations per element. The per-token
+    kernel divides each element by the row's scale; the general form costs ~6 SASS
+    instructions per element more (sm_90, triton 3.6; docs/kernels.md)."""
+    q0 = a * rb
+    rn = tl.fma(q0, b, _neg(a))
+    return tl.fma(_neg(rn), rb, q0)
 
 
 @triton.jit
@@ -369,20 +389,28 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
     return s
 
 
+# how _quant_store divides by the scale (APPLY "div", exact mode): `_div_exact` (any divisor),
+# `_div_exact_nonneg` (scales known not to be negative), `_div_exact_ok` (checked by `_div_ok`)
+DIV_ANY = tl.constexpr(0)
+DIV_NONNEG = tl.constexpr(1)
+DIV_OK = tl.constexpr(2)
+
+
 @triton.jit
 def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
                  GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
                  CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 INTERP: tl.constexpr, DIVOK: tl.constexpr = False):
-    """Quantize chunk c (scale s, its reciprocal rs) and store it. DIVOK: the caller has
-    checked with `_div_ok` that every scale of the chunk takes the short exact division."""
+                 INTERP: tl.constexpr, DIV: tl.constexpr = DIV_ANY):
+    """Quantize chunk c (scale s, its reciprocal rs) and store it; DIV picks the exact division."""
     if APPLY == 2:
         t = yq * s
     elif APPLY == 1 or FAST or UE8M0:
         # x / 2^k == x * 2^-k exactly, so ue8m0 scales may always multiply
         t = yq * rs
-    elif DIVOK:
+    elif DIV == DIV_OK:
         t = _div_exact_ok(yq, s, rs)
+    elif DIV == DIV_NONNEG:
+        t = _div_exact_nonneg(yq, s, rs)
     else:
         t = _div_exact(yq, s, rs)
     if INT8:
@@ -415,12 +443,15 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
                   SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
                   FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
                   SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
-                  CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr):
-    """Per-group quantization of one chunk: the groups of a chunk are all inside it."""
+                  CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr,
+                  DIV: tl.constexpr = DIV_ANY):
+    """Per-group quantization of one chunk: the groups of a chunk are all inside it. DIV: how
+    `_quant_store` divides by the group scales (DIV_NONNEG where the spec keeps them >= 0)."""
     a = tl.reduce(tl.abs(ya), 2, _max_nan, keep_dims=True)  # [ROWS, CG, 1]
     s = _scale_from_amax(a, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, INTERP)
     rs = tl.div_rn(_c32(1.0), s)
-    _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP)
+    _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP,
+                 DIV)
     gidx = c * CG + tl.arange(0, CG)[None, :, None]  # [1, CG, 1]
     r3 = rows[:, None, None].to(tl.int64)
     if COLMAJ:

@@ -29,8 +29,8 @@ import pytest
 import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
-from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_ok, _div_ok, _exp2_int,
-                                                         _ue8m0_f32)
+from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
+                                                         _exp2_int, _ue8m0_f32)
 
 from fusewright.lowering.norm_quant_reference import reference
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec, QuantSpec
@@ -242,10 +242,25 @@ def _interp_worker() -> dict:
         if errs:
             failures[f"special:{name}"] = errs
 
+    # scales that can be negative (a negative static scale, a negative scale constant without
+    # a floor): the kernel divides with the general form there, which keeps the sign of a
+    # zero quotient (row 0 is zeros; with negative weights some are -0)
+    neg = {"static-neg_scale": (NormQuantSpec(NormSpec(eps=1e-6), _q("static")), -0.0125),
+           "token-neg_const": (NormQuantSpec(NormSpec(eps=1e-6), _q("token_div", scale_const=-448.0)), None),
+           "g128-neg_const": (NormQuantSpec(NormSpec(eps=1e-6), _q("g128", scale_const=-448.0, floor=None)), None)}
+    for name, (spec, scale) in neg.items():
+        x, w, r, s = grid_inputs(spec, (9, 256))
+        if scale is not None:
+            s = torch.tensor(scale)
+        errs = mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
+        count += 1
+        if errs:
+            failures[f"negative:{name}"] = errs
+
     # the short exact division against the general one and against f64 division rounded to
     # f32 (correctly rounded: 53 >= 2 * 24 + 2 bits), on every pair _div_ok accepts
     @triton.jit
-    def _div(a_ptr, b_ptr, ok_ptr, q_ptr, q_ref_ptr, N, BLOCK: tl.constexpr):
+    def _div(a_ptr, b_ptr, ok_ptr, q_ptr, q_ref_ptr, q_nn_ptr, N, BLOCK: tl.constexpr):
         o = tl.arange(0, BLOCK)
         m = o < N
         a = tl.load(a_ptr + o, mask=m, other=1.0)
@@ -254,6 +269,7 @@ def _interp_worker() -> dict:
         tl.store(ok_ptr + o, _div_ok(tl.abs(a), b, rb).to(tl.int8), mask=m)
         tl.store(q_ptr + o, _div_exact_ok(a, b, rb), mask=m)
         tl.store(q_ref_ptr + o, _div_exact(a, b, rb), mask=m)
+        tl.store(q_nn_ptr + o, _div_exact_nonneg(a, b, rb), mask=m)
 
     g = torch.Generator().manual_seed(1)
     n = 60000
@@ -270,18 +286,22 @@ def _interp_worker() -> dict:
     a = torch.cat([a, aq, ea.flatten()]).contiguous()
     b = torch.cat([b, amax / 448.0, eb.flatten()]).contiguous()
     ok = torch.empty(a.numel(), dtype=torch.int8)
-    q, q_ref = torch.empty_like(a), torch.empty_like(a)
+    q, q_ref, q_nn = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
     for i in range(0, a.numel(), 8192):
         sl = slice(i, i + 8192)
         ca, cb = a[sl].contiguous(), b[sl].contiguous()
-        co, cq, cr = torch.empty(ca.numel(), dtype=torch.int8), torch.empty_like(ca), torch.empty_like(ca)
-        _div[(1,)](ca, cb, co, cq, cr, ca.numel(), BLOCK=8192)
-        ok[sl], q[sl], q_ref[sl] = co, cq, cr
+        co, cq, cr, cn = (torch.empty(ca.numel(), dtype=torch.int8), torch.empty_like(ca), torch.empty_like(ca),
+                          torch.empty_like(ca))
+        _div[(1,)](ca, cb, co, cq, cr, cn, ca.numel(), BLOCK=8192)
+        ok[sl], q[sl], q_ref[sl], q_nn[sl] = co, cq, cr, cn
     okb = ok.bool()
     cr_div = (a.double() / b.double()).float()
     bits = lambda t: t.view(torch.int32)  # noqa: E731
     div = {"pairs": int(a.numel()), "ok": int(okb.sum()),
            "short_vs_general": int((bits(q) != bits(q_ref))[okb].sum()),
+           # every divisor that is not negative: +-0, subnormal, inf and NaN included
+           "nonneg_pairs": int((~(b < 0)).sum()),
+           "nonneg_vs_general": int((bits(q_nn) != bits(q_ref))[~(b < 0)].sum()),
            # Markstein's theorem assumes no underflow: for dividends within 2^24 of the
            # subnormal range or subnormal quotients both forms may miss by an ulp (such
            # values quantize to zero, with the sign both keep)
@@ -375,12 +395,14 @@ def test_interpreter_matrix_bitwise(interp_result):
 
 
 def test_interpreter_short_exact_division(interp_result):
-    """Where `_div_ok` accepts the divisor and the quotient's bound, the 4-op division is
+    """Where `_div_ok` accepts the divisor and the quotient's bound, the 3-op division is
     bitwise the general one, and correctly rounded for normal quotients of dividends above
-    2^-100; it rejects what the general form's special cases are for."""
+    2^-100; it rejects what the general form's special cases are for. For every divisor
+    that is not negative, `_div_exact_nonneg` is bitwise the general form."""
     div = interp_result["div"]
     assert div["ok"] > 0.8 * 60000, div
     assert div["short_vs_general"] == 0 and div["short_vs_f64"] == 0, div
+    assert div["nonneg_pairs"] > 2 * 60000 and div["nonneg_vs_general"] == 0, div
     assert div["ok_rejects_specials"], div
 
 
@@ -399,6 +421,22 @@ def test_interpreter_raw_conversions_are_not_rne(interp_result):
     interpreter was fixed and the emulation could go."""
     raw = interp_result["raw_conversion"]
     assert raw["fp8_mismatch"] > 0 and raw["bf16_mismatch"] > 0, raw
+
+
+def test_scale_division_only_where_no_scale_can_be_negative():
+    """`_div_exact_nonneg` (DIV_NONNEG) is chosen only for specs whose scales cannot be negative."""
+    from fusewright.lowering.norm_quant_triton import DIV_ANY, DIV_NONNEG, _scale_division
+
+    nonneg = [_q("token"), _q("token_div"), _q("g128"), _q("int8_div"),
+              _q("token_div", scale_const=-448.0, floor=1e-10),  # the floor on the scale restores the sign
+              _q("token_div", amax_ub=-1.0, floor=0.0, floor_on="amax"),  # ... or on the amax
+              _q("token_div", amax_ub=1200.0)]
+    anysign = [_q("static"),  # tested at run time
+               _q("token_div", scale_const=-448.0), _q("token_div", scale_const=-0.0),
+               _q("g128", scale_const=-448.0, floor=None), _q("token_div", amax_ub=-1.0),
+               _q("token_div", scale_const=-448.0, floor=-1.0)]
+    assert [_scale_division(q) for q in nonneg] == [int(DIV_NONNEG)] * len(nonneg)
+    assert [_scale_division(q) for q in anysign] == [int(DIV_ANY)] * len(anysign)
 
 
 def test_spec_errors_before_launch():
