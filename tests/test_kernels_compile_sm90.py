@@ -160,6 +160,16 @@ def test_pipelined_plans_issue_async_copies_and_others_do_not(compiled):
             assert res.get("cp_async") == 0, (key, res)
 
 
+def test_fp8_conversions_saturate(compiled):
+    """The norm-quant kernel drops its clamp to +-448 on the GPU because the f32 -> e4m3
+    conversion saturates (`cvt.rn.satfinite`): every fp8 case must convert only that way."""
+    fp8 = {k: v for k, v in compiled.items() if k.startswith("nq:") and "int8" not in k and "error" not in v}
+    assert fp8
+    bad = {k: (v["cvt_e4m3"], v["cvt_e4m3_satfinite"]) for k, v in fp8.items()
+           if not v["cvt_e4m3"] or v["cvt_e4m3"] != v["cvt_e4m3_satfinite"]}
+    assert not bad, bad
+
+
 def test_resident_programs_counts_the_scarcest_resource():
     from fusewright.tools.kernel_aot import resident_programs
 

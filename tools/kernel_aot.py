@@ -104,7 +104,11 @@ def resources(compiled) -> dict:
     out = dict(shared=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps),
                cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
                cp_async_bulk=len(re.findall(r"\bcp\.async\.bulk\b", ptx)),
-               ld_global=len(re.findall(r"\bld\.global\b", ptx)))
+               ld_global=len(re.findall(r"\bld\.global\b", ptx)),
+               # f32 -> fp8 e4m3 conversions, and how many saturate (the norm-quant kernel
+               # leaves its +-448 clamp to them)
+               cvt_e4m3=len(re.findall(r"\bcvt\.[\w.]*e4m3", ptx)),
+               cvt_e4m3_satfinite=len(re.findall(r"\bcvt\.rn\.satfinite\.e4m3x2\.f32\b", ptx)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
