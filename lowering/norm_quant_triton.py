@@ -50,8 +50,8 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w, _max_nan, _normalize, _quant_store,
-    _scale_from_amax, _store_y, _up,
+    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w,
+    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_y, _up,
 )
 
 

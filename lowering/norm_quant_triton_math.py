@@ -206,8 +206,8 @@ def _neg(x):
 
 @triton.jit
 def _div_exact_nonneg(a, b, rb):
-    """`_div_exact` for a divisor that is not negative (+-0, +inf and NaN included), one
-    select shorter. The residual is taken with the opposite sign, rn = q0*b - a = -r
+    """`_div_exact` for a divisor that is not negative (+-0, +inf and NaN included), without
+    the residual test. The residual is taken with the opposite sign, rn = q0*b - a = -r
     exactly (an fma rounds symmetrically), so q1 = fma(-rn, rb, q0) is the same value; where
     rn is zero, a = +-0 and the zero added to q0 is -0 (b >= 0), so q1 keeps the sign of a
     zero q0 without the residual test. Only the non-finite cases (q1 NaN) keep q0. Bitwise
@@ -389,9 +389,9 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
     return s
 
 
+_E4M3_MAX = tl.constexpr(448.0)
 # how _quant_store divides by the scale (APPLY "div", exact mode): `_div_exact` (any divisor),
 # `_div_exact_nonneg` (scales known not to be negative), `_div_exact_ok` (checked by `_div_ok`)
-_E4M3_MAX = tl.constexpr(448.0)
 DIV_ANY = tl.constexpr(0)
 DIV_NONNEG = tl.constexpr(1)
 DIV_OK = tl.constexpr(2)
