@@ -109,6 +109,23 @@ def spec_matrix(full: bool = False) -> list[tuple[str, NormQuantSpec]]:
 
 
 # ------------------------------------------------------------------- inputs
+# specs whose scales can be negative (a negative static scale, a negative scale constant
+# without a floor): the kernel must divide with the general form, which keeps the sign of a
+# zero quotient (grid_inputs' row 0 is zeros; with negative weights some are -0)
+_NEGATIVE_SCALES = {
+    "static-neg_scale": NormQuantSpec(NormSpec(eps=1e-6), _q("static")),
+    "token-neg_const": NormQuantSpec(NormSpec(eps=1e-6), _q("token_div", scale_const=-448.0)),
+    "g128-neg_const": NormQuantSpec(NormSpec(eps=1e-6), _q("g128", scale_const=-448.0, floor=None)),
+}
+
+
+def _check_negative_scale(launch, spec, shape, device):
+    x, w, r, s = grid_inputs(spec, shape, device=device)
+    if s is not None:
+        s = -s
+    return mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
+
+
 def grid_inputs(spec: NormQuantSpec, shape, device="cpu", seed=0, special=True):
     """x (and residual) on a 1/8 grid with |h| <= 4, so sum(h*h) is exact in any order for
     H <= 8192 (< 2^24 units of 1/64). Row 0 all zeros, a row of huge values when `special`."""
@@ -242,17 +259,9 @@ def _interp_worker() -> dict:
         if errs:
             failures[f"special:{name}"] = errs
 
-    # scales that can be negative (a negative static scale, a negative scale constant without
-    # a floor): the kernel divides with the general form there, which keeps the sign of a
-    # zero quotient (row 0 is zeros; with negative weights some are -0)
-    neg = {"static-neg_scale": (NormQuantSpec(NormSpec(eps=1e-6), _q("static")), -0.0125),
-           "token-neg_const": (NormQuantSpec(NormSpec(eps=1e-6), _q("token_div", scale_const=-448.0)), None),
-           "g128-neg_const": (NormQuantSpec(NormSpec(eps=1e-6), _q("g128", scale_const=-448.0, floor=None)), None)}
-    for name, (spec, scale) in neg.items():
-        x, w, r, s = grid_inputs(spec, (9, 256))
-        if scale is not None:
-            s = torch.tensor(scale)
-        errs = mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
+    # scales that can be negative: the kernel divides with the general form there
+    for name, spec in _NEGATIVE_SCALES.items():
+        errs = _check_negative_scale(launch, spec, (9, 256), "cpu")
         count += 1
         if errs:
             failures[f"negative:{name}"] = errs
@@ -507,6 +516,14 @@ def test_gpu_special_values(name, spec):
     x[5, 7] = float("-inf")
     x[6] = 16384.0  # large but a power of two: the row's sum of squares stays exact
     errs = mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
+    assert not errs, errs
+
+
+@gpu
+@pytest.mark.parametrize("name", sorted(_NEGATIVE_SCALES))
+def test_gpu_negative_scales(name):
+    """Negative scales take the general division (a run-time test for the static scale)."""
+    errs = _check_negative_scale(_gpu_launch(), _NEGATIVE_SCALES[name], (67, 7168), "cuda")
     assert not errs, errs
 
 
