@@ -211,6 +211,11 @@ class EliminateNoopCasts(GraphPass):
         others = state.output_roots() - {alias_root(returned)}
         if root in others:
             raise _Refused("the graph output, which would alias another output")
+        # Another output shares this one's storage (the copy and a view of it, both
+        # returned): moving one of them to the replacement alone would split them.
+        mine = alias_root(returned)
+        if any(n is not returned and alias_root(n) is mine for n in state.returned()):
+            raise _Refused("the graph output, which shares its storage with another output")
 
     def _forward_layout(self, user: fx.Node, back: fx.Node, replacement: fx.Node,
                         state: "_GraphState") -> dict[fx.Node, Any]:
@@ -286,13 +291,16 @@ class _GraphState:
         self.erased: set[fx.Node] = set()
         self.graph = graph
 
-    def output_roots(self) -> set[fx.Node]:
+    def returned(self) -> list[fx.Node]:
         # Recomputed each time: earlier rewrites may have changed what the graph returns.
         output = next(iter(self.graph.find_nodes(op="output")), None)
         returned: list[fx.Node] = []
         if output is not None:
             fx.node.map_arg(output.args, returned.append)
-        return {alias_root(n) for n in returned}
+        return returned
+
+    def output_roots(self) -> set[fx.Node]:
+        return {alias_root(n) for n in self.returned()}
 
 
 PASS = EliminateNoopCasts()
