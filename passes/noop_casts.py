@@ -208,13 +208,13 @@ class EliminateNoopCasts(GraphPass):
         root = alias_root(replacement)
         if root.op in ("placeholder", "get_attr"):
             raise _Refused("the graph output, which would alias a graph input")
-        others = state.output_roots() - {alias_root(returned)}
-        if root in others:
+        mine = alias_root(returned)
+        other_roots = {alias_root(n): n for n in state.returned() if n is not returned}
+        if root in other_roots and root is not mine:
             raise _Refused("the graph output, which would alias another output")
         # Another output shares this one's storage (the copy and a view of it, both
         # returned): moving one of them to the replacement alone would split them.
-        mine = alias_root(returned)
-        if any(n is not returned and alias_root(n) is mine for n in state.returned()):
+        if mine in other_roots:
             raise _Refused("the graph output, which shares its storage with another output")
 
     def _forward_layout(self, user: fx.Node, back: fx.Node, replacement: fx.Node,
@@ -298,9 +298,6 @@ class _GraphState:
         if output is not None:
             fx.node.map_arg(output.args, returned.append)
         return returned
-
-    def output_roots(self) -> set[fx.Node]:
-        return {alias_root(n) for n in self.returned()}
 
 
 PASS = EliminateNoopCasts()
