@@ -48,7 +48,8 @@ from .act_quant_reference import check_inputs
 from .act_quant_spec import ActQuantSpec
 from .norm_quant_plan import _APPLY_CODE, _DT_CODE, _KIND_CODE
 from .norm_quant_triton_math import (
-    _c32, _cvt_out, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
+    DIV_OK, _c32, _cvt_out, _div_ok, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
+    scale_division,
 )
 
 MAX_WIDTH = 32768  # wider rows would spill registers: declined by `supports`
@@ -97,6 +98,25 @@ def _amax(h, HELD_DT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _token_pieces(h0, h1, h2, s_row, rs_row, q_ptr, qrow, rmask, C1: tl.constexpr, C2: tl.constexpr,
+                  H: tl.constexpr, CH: tl.constexpr, CH1: tl.constexpr, CH2: tl.constexpr, CG: tl.constexpr,
+                  G1: tl.constexpr, G2: tl.constexpr, GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr,
+                  INT8: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr,
+                  MASKED: tl.constexpr, HELD: tl.constexpr, INTERP: tl.constexpr, DIV: tl.constexpr):
+    """Quantize and store a row's pieces by its one scale (h1, h2: absent when CH1, CH2 are 0)."""
+    s3 = s_row[:, None, None]
+    rs3 = rs_row[:, None, None]
+    _quant_store(_up(h0, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, 0, H, CH, CG, GS, APPLY, UE8M0, INT8,
+                 CLO, CHI, FAST, MASKED, INTERP, DIV)
+    if CH1 > 0:
+        _quant_store(_up(h1, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C1, H, CH1, G1, GS, APPLY, UE8M0,
+                     INT8, CLO, CHI, FAST, False, INTERP, DIV)
+    if CH2 > 0:
+        _quant_store(_up(h2, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C2, H, CH2, G2, GS, APPLY, UE8M0,
+                     INT8, CLO, CHI, FAST, False, INTERP, DIV)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, u_ptr, q_ptr, s_ptr, M, x_stride, u_stride,
     H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr,
@@ -106,7 +126,7 @@ def _act_quant_kernel(
     SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexpr, HAS_FLOOR: tl.constexpr,
     FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr, SCONST: tl.constexpr,
     RCONST: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr,
-    FAST: tl.constexpr, INTERP: tl.constexpr, SILU: tl.constexpr,
+    FAST: tl.constexpr, INTERP: tl.constexpr, SILU: tl.constexpr, SDIV: tl.constexpr,
 ):
     """One row per program. The row is up to three power-of-two tiles: CH columns, then CH1,
     then CH2 (0: absent), e.g. 14336 = 8192 + 4096 + 2048, so no lane works on padding; or
@@ -127,6 +147,8 @@ def _act_quant_kernel(
     G1: tl.constexpr = CH1 // GS
     G2: tl.constexpr = CH2 // GS
     h0 = _piece_h(x_ptr, u_ptr, xrow, urow, rmask, 0, H, CH, CG, GS, MASKED, PRO, XDT, ADT, HDT, HOLD, SILU, INTERP)
+    h1 = h0  # placeholders for absent pieces, never read (every use is under CHk > 0)
+    h2 = h0
     if CH1 > 0:
         h1 = _piece_h(x_ptr, u_ptr, xrow, urow, rmask, C1, H, CH1, G1, GS, False, PRO, XDT, ADT, HDT, HOLD, SILU,
                       INTERP)
@@ -137,15 +159,15 @@ def _act_quant_kernel(
     if KIND == 2:
         _group_finish(_up(h0, HELD, INTERP), _up(h0, HELD, INTERP), 0, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                       COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST,
-                      RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP)
+                      RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP, SDIV)
         if CH1 > 0:
             _group_finish(_up(h1, HELD, INTERP), _up(h1, HELD, INTERP), C1, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                           COLMAJ, H, CH1, G1, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
-                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP)
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV)
         if CH2 > 0:
             _group_finish(_up(h2, HELD, INTERP), _up(h2, HELD, INTERP), C2, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                           COLMAJ, H, CH2, G2, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
-                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP)
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV)
     else:
         am = _amax(h0, HELD, INTERP)
         if CH1 > 0:
@@ -155,16 +177,19 @@ def _act_quant_kernel(
         s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST,
                                  UE8M0, INTERP)
         tl.store(s_ptr + rows, s_row)
-        s3 = s_row[:, None, None]
-        rs3 = tl.div_rn(_c32(1.0), s3)
-        _quant_store(_up(h0, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, 0, H, CH, CG, GS, APPLY, UE8M0, INT8,
-                     CLO, CHI, FAST, MASKED, INTERP)
-        if CH1 > 0:
-            _quant_store(_up(h1, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C1, H, CH1, G1, GS, APPLY, UE8M0,
-                         INT8, CLO, CHI, FAST, False, INTERP)
-        if CH2 > 0:
-            _quant_store(_up(h2, HELD, INTERP), s3, rs3, q_ptr, qrow, rmask, C2, H, CH2, G2, GS, APPLY, UE8M0,
-                         INT8, CLO, CHI, FAST, False, INTERP)
+        rs_row = tl.div_rn(_c32(1.0), s_row)
+        # one test per row picks the division (as in the norm-quant kernel): the special
+        # cases are rows with inf or NaN, or scales near the ends of the f32 range
+        if APPLY == 0 and not FAST and not UE8M0 and not INT8:
+            if tl.min(_div_ok(am, s_row, rs_row).to(tl.int32), 0) == 1:
+                _token_pieces(h0, h1, h2, s_row, rs_row, q_ptr, qrow, rmask, C1, C2, H, CH, CH1, CH2, CG, G1, G2,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, HELD, INTERP, DIV_OK)
+            else:
+                _token_pieces(h0, h1, h2, s_row, rs_row, q_ptr, qrow, rmask, C1, C2, H, CH, CH1, CH2, CG, G1, G2,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, HELD, INTERP, SDIV)
+        else:
+            _token_pieces(h0, h1, h2, s_row, rs_row, q_ptr, qrow, rmask, C1, C2, H, CH, CH1, CH2, CG, G1, G2,
+                          GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, HELD, INTERP, SDIV)
 
 
 # ------------------------------------------------------------------------- host side
@@ -269,7 +294,7 @@ def _spec_kwargs(spec: ActQuantSpec, hidden: int, interp: bool) -> dict:
         UB=float(q.amax_ub or 0.0), HAS_FLOOR=q.floor is not None, FLOOR_AMAX=q.floor_on == "amax",
         FLOOR=float(q.floor or 0.0), CONST_DIV=q.scale_form == "const_div", SCONST=float(q.scale_const),
         RCONST=_f32_recip(q.scale_const), APPLY=_APPLY_CODE[q.apply], CLO=float(q.clamp_lo),
-        CHI=float(q.clamp_hi), FAST=spec.numerics == "fast", INTERP=interp,
+        CHI=float(q.clamp_hi), FAST=spec.numerics == "fast", INTERP=interp, SDIV=scale_division(q),
     )
 
 

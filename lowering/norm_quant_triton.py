@@ -51,7 +51,7 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
 )
 from .norm_quant_triton_math import (
     DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w,
-    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_y, _up,
+    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_y, _up, scale_division,
 )
 
 
@@ -465,23 +465,6 @@ def _f32_recip(v: float) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(v), dtype=torch.float32))
 
 
-def _scale_division(quant) -> int:
-    """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): with
-    `_div_exact_nonneg` (DIV_NONNEG) where no scale can be negative, else `_div_exact`.
-
-    A scale comes from an amax >= 0 (or NaN, inf); only a negative amax bound or scale
-    constant can make it negative, and a floor >= 0 on the scale puts it back (NaN stays
-    NaN, which either division handles). Static scales are tested at run time instead."""
-    if not quant.dynamic:
-        return int(DIV_ANY)
-    floor_ok = quant.floor is not None and quant.floor >= 0
-    if floor_ok and quant.floor_on == "scale":
-        return int(DIV_NONNEG)
-    amax_ok = quant.amax_ub is None or quant.amax_ub >= 0 or (floor_ok and quant.floor_on == "amax")
-    const_ok = math.copysign(1.0, quant.scale_const) > 0  # a / -0.0 is -inf
-    return int(DIV_NONNEG) if amax_ok and const_ok else int(DIV_ANY)
-
-
 @functools.lru_cache(maxsize=8)
 def _num_sms(dev: torch.device) -> int:
     if dev.type != "cuda":
@@ -528,7 +511,7 @@ def _spec_kwargs(spec: NormQuantSpec, hidden: int, has_weight: bool, scale_dtype
         APPLY=_APPLY_CODE[quant.apply], CLO=float(quant.clamp_lo), CHI=float(quant.clamp_hi),
         SIN_DT=_DT_CODE.get(scale_dtype, 0) if scale_dtype is not None else 0,
         RET_Y=bool(spec.return_normalized), FAST=spec.numerics == "fast", INTERP=interp,
-        SDIV=_scale_division(quant),
+        SDIV=scale_division(quant),
     )
 
 

@@ -9,6 +9,8 @@ pieces (load, residual, normalise, scale, quantize, store) that
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -395,6 +397,23 @@ _E4M3_MAX = tl.constexpr(448.0)
 DIV_ANY = tl.constexpr(0)
 DIV_NONNEG = tl.constexpr(1)
 DIV_OK = tl.constexpr(2)
+
+
+def scale_division(quant) -> int:
+    """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): with
+    `_div_exact_nonneg` (DIV_NONNEG) where no scale can be negative, else `_div_exact`.
+
+    A scale comes from an amax >= 0 (or NaN, inf); only a negative amax bound or scale
+    constant can make it negative, and a floor >= 0 on the scale puts it back (NaN stays
+    NaN, which either division handles). Static scales are tested at run time instead."""
+    if not quant.dynamic:
+        return int(DIV_ANY)
+    floor_ok = quant.floor is not None and quant.floor >= 0
+    if floor_ok and quant.floor_on == "scale":
+        return int(DIV_NONNEG)
+    amax_ok = quant.amax_ub is None or quant.amax_ub >= 0 or (floor_ok and quant.floor_on == "amax")
+    const_ok = math.copysign(1.0, quant.scale_const) > 0  # a / -0.0 is -inf
+    return int(DIV_NONNEG) if amax_ok and const_ok else int(DIV_ANY)
 
 
 @triton.jit

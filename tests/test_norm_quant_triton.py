@@ -434,7 +434,7 @@ def test_interpreter_raw_conversions_are_not_rne(interp_result):
 
 def test_scale_division_only_where_no_scale_can_be_negative():
     """`_div_exact_nonneg` (DIV_NONNEG) is chosen only for specs whose scales cannot be negative."""
-    from fusewright.lowering.norm_quant_triton import DIV_ANY, DIV_NONNEG, _scale_division
+    from fusewright.lowering.norm_quant_triton_math import DIV_ANY, DIV_NONNEG, scale_division
 
     nonneg = [_q("token"), _q("token_div"), _q("g128"), _q("int8_div"),
               _q("token_div", scale_const=-448.0, floor=1e-10),  # the floor on the scale restores the sign
@@ -444,8 +444,8 @@ def test_scale_division_only_where_no_scale_can_be_negative():
                _q("token_div", scale_const=-448.0), _q("token_div", scale_const=-0.0),
                _q("g128", scale_const=-448.0, floor=None), _q("token_div", amax_ub=-1.0),
                _q("token_div", scale_const=-448.0, floor=-1.0)]
-    assert [_scale_division(q) for q in nonneg] == [int(DIV_NONNEG)] * len(nonneg)
-    assert [_scale_division(q) for q in anysign] == [int(DIV_ANY)] * len(anysign)
+    assert [scale_division(q) for q in nonneg] == [int(DIV_NONNEG)] * len(nonneg)
+    assert [scale_division(q) for q in anysign] == [int(DIV_ANY)] * len(anysign)
 
 
 def test_spec_errors_before_launch():
