@@ -9,6 +9,7 @@ program and warps; measured plans (lowering/norm_quant_tuning.json, written by
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 
@@ -54,8 +55,12 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     normalised row stays live until its amax is known) and the chunk-local ones (static,
     per group), and with a residual (two inputs, one more output). Column-major group scales
     get their own family: a row's scales land T elements apart, so rows per program decide
-    whether the scale stores coalesce."""
+    whether the scale stores coalesce. Per-token int8 is a family of its own (`+int8`)."""
     fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
+    if spec.quant.kind == "int8_per_token":
+        # rounding and clamping to int8 add work per element: the fp8 plans that win at
+        # T = 4096 lost 3-11% on it (docs/benchmarks.md, session 9)
+        fam += "+int8"
     if spec.norm.residual != "none":
         fam += "+res"
     if spec.quant.kind == "fp8_per_group" and spec.quant.col_major:
@@ -72,11 +77,13 @@ def size_class(m: int | None) -> str:
 
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
-    size, else (a residual or col-major family not measured) the family without it."""
+    size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`) the family
+    with fewer of them, the last ones dropped first."""
     fam, hidden, size = key.split("/")
     sizes = ("mid", "large") if size == "mid" else (size,)
-    fams = dict.fromkeys((fam, fam.replace("+col", ""), fam.replace("+res", ""),
-                          fam.replace("+col", "").replace("+res", "")))
+    base, *quals = fam.split("+")
+    fams = ["+".join((base, *kept)) for n in range(len(quals), -1, -1)
+            for kept in itertools.combinations(quals, n)]
     for f, sz in ((f, sz) for f in fams for sz in sizes):
         cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
                  if k.split("/")[0] == f and k.split("/")[2] == sz]
@@ -94,14 +101,18 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
     (PERSIST per SM) the weight prefetch WPRE and the pipeline depth PIPE (0: the next row
     prefetched into registers; S >= 2: a compiler-pipelined loop, S - 1 rows in flight in
     shared memory). Sources, later ones win:
-    the heuristic below, the measured table (norm_quant_tuning.json, or the file named by
-    $FUSEWRIGHT_NQ_TUNING), `tuning` (benchmarks)."""
+    the heuristic below, then either the measured table (norm_quant_tuning.json, or the file
+    named by $FUSEWRIGHT_NQ_TUNING) or `tuning` (benchmarks, tests). `tuning` replaces the
+    table's entry rather than updating it: a plan timed by a sweep must be the plan it names,
+    not one with the shipped entry's PERSIST, WPRE or PIPE under it."""
     q = spec.quant
     gs = q.group_size if q.kind == "fp8_per_group" else 0
     if gs and gs & (gs - 1):
         raise SpecError(f"group size {gs} is not a power of two: no Triton tiling for it")
-    t = dict(_lookup(_tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH), tuning_key(spec, hidden, m)))
-    t.update(tuning or {})
+    if tuning is None:
+        t = _lookup(_tuning_table(os.environ.get(ENV_TUNING) or TUNING_PATH), tuning_key(spec, hidden, m))
+    else:
+        t = tuning
     # the smallest power-of-two chunk that covers the row in <= 8 chunks, at least 1024
     # columns for large rows (128-bit loads for 4 warps), at least one group
     ch_min = max(triton.next_power_of_2(triton.cdiv(hidden, 8)), gs or 1)

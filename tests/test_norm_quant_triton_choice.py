@@ -57,7 +57,7 @@ def test_shipped_tables_are_well_formed():
         tuning = json.load(f)["configs"]
     for key, cfg in tuning.items():
         fam, hidden, size = key.split("/")
-        assert fam in ("token", "local", "token+res", "local+res", "local+col") and size in ("small", "mid", "large")
+        assert fam in ("token", "token+int8", "local", "token+res", "local+res", "local+col") and size in ("small", "mid", "large")
         p = nqt.plan(_spec(), int(hidden), dict(cfg), m={"small": 64, "mid": 4096, "large": 16384}[size])
         assert p["CH"] * p["NCH"] >= int(hidden)
 
@@ -112,6 +112,21 @@ def test_pipeline_depth_from_the_table_and_its_limits(tuning_table):
         nqt.plan(_spec(), 4096, {"PERSIST": 2, "ROWS": 4, "PIPE": 3}, m=4096)
 
 
+def test_a_given_plan_replaces_the_table_entry(tuning_table):
+    """A sweep's plan is timed as named: the shipped entry's persistent loop, weight prefetch
+    and pipeline do not leak into a plan that leaves them out (session 9's sweep timed several
+    plans with them and wrote the plans without them into the table)."""
+    tuning_table({"token/4096/mid": {"CH": 1024, "num_warps": 4, "PERSIST": 2, "PIPE": 3, "WPRE": 1}})
+    assert (nqt.plan(_spec(), 4096, m=4096)["PERSIST"], nqt.plan(_spec(), 4096, m=4096)["PIPE"]) == (2, 3)
+    p = nqt.plan(_spec(), 4096, {"CH": 2048, "num_warps": 8}, m=4096)
+    assert (p["CH"], p["num_warps"], p["PERSIST"], p["PIPE"], p["WPRE"], p["ROWS"]) == (2048, 8, 0, 0, 0, 1)
+    # rows per program without the entry's pipelined loop (an error if it leaked)
+    assert nqt.plan(_spec(), 4096, {"CH": 1024, "num_warps": 8, "ROWS": 2}, m=4096)["ROWS"] == 2
+    # an empty plan is the heuristic's
+    p = nqt.plan(_spec(), 4096, {}, m=4096)
+    assert (p["CH"], p["NCH"], p["num_warps"], p["PERSIST"], p["PIPE"], p["WPRE"]) == (1024, 4, 4, 0, 0, 0)
+
+
 def test_col_major_groups_have_their_own_family_and_fall_back(tuning_table):
     col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10)
     row = _spec("fp8_per_group", group_size=64, apply="div", floor=1e-10)
@@ -125,6 +140,29 @@ def test_col_major_groups_have_their_own_family_and_fall_back(tuning_table):
     res_col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10,
                     residual="input_dtype")
     assert nqt.plan(res_col, 4096, m=4096)["ROWS"] == 8
+
+
+def test_int8_per_token_has_its_own_family_and_falls_back(tuning_table):
+    int8 = _spec("int8_per_token", scale_form="const_div", scale_const=127.0, apply="mul", clamp_lo=-128.0,
+                 clamp_hi=127.0, floor=1e-5, floor_on="amax", out_dtype=torch.int8)
+    assert nqt.tuning_key(int8, 4096, 4096) == "token+int8/4096/mid"
+    assert nqt.tuning_key(_spec(), 4096, 4096) == "token/4096/mid"
+    assert nqt.tuning_key(_spec("int8_per_token", residual="input_dtype", scale_form="const_div",
+                                scale_const=127.0, apply="mul", clamp_lo=-128.0, clamp_hi=127.0,
+                                out_dtype=torch.int8), 7168, 16384) == "token+int8+res/7168/large"
+    tuning_table({"token/4096/mid": {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1},
+                  "token+int8/4096/mid": {"CH": 512, "num_warps": 4},
+                  "token/4096/large": {"CH": 1024, "num_warps": 8}})
+    assert (nqt.plan(int8, 4096, m=4096)["CH"], nqt.plan(int8, 4096, m=4096)["PERSIST"]) == (512, 0)
+    assert nqt.plan(_spec(), 4096, m=4096)["PERSIST"] == 4
+    # no int8 entry of its size class: the fp8 family's
+    assert nqt.plan(int8, 4096, m=16384)["num_warps"] == 8
+    # int8 with a residual: the int8 entry before the fp8 residual one
+    tuning_table({"token+int8/4096/mid": {"CH": 512, "num_warps": 4},
+                  "token+res/4096/mid": {"CH": 1024, "num_warps": 8}})
+    int8_res = _spec("int8_per_token", residual="input_dtype", scale_form="const_div", scale_const=127.0,
+                     apply="mul", clamp_lo=-128.0, clamp_hi=127.0, out_dtype=torch.int8)
+    assert nqt.plan(int8_res, 4096, m=4096)["CH"] == 512
 
 
 def test_shipped_choice_for_registry_call():

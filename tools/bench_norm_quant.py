@@ -222,10 +222,11 @@ SMALL_SHAPES = [(T, 7168) for T in (1, 16, 64, 256)] + [(T, 4096) for T in (1, 1
 QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
 # --sweep: tile configs per family (lowering/norm_quant_triton.tuning_key) and hidden size;
 # the fastest goes into the tuning table (--write-tuning, shipped as norm_quant_tuning.json)
-SWEEP_FAMILIES = {"token": "token", "local": "group128", "local+res": "add_group128", "token+res": "add_token",
-                  "local+col": "group64_col"}
-SWEEP_H = {"token": (4096, 5120, 7168, 8192), "local": (4096, 5120, 7168, 8192), "local+res": (4096, 7168),
-           "token+res": (4096, 7168), "local+col": (4096, 7168)}
+SWEEP_FAMILIES = {"token": "token", "token+int8": "int8_token", "local": "group128", "local+res": "add_group128",
+                  "token+res": "add_token", "local+col": "group64_col"}
+SWEEP_H = {"token": (4096, 5120, 7168, 8192), "token+int8": (4096, 5120, 7168, 8192),
+           "local": (4096, 5120, 7168, 8192), "local+res": (4096, 7168), "token+res": (4096, 7168),
+           "local+col": (4096, 7168)}
 SWEEP_SIZES = ("large", "mid", "small")
 # PERSIST = programs per SM of the persistent variant (same compiled kernel for any count)
 # (the session-1 sweep's winners were CH 1024 / 4 warps and CH 2048 / 8 warps everywhere;
