@@ -209,7 +209,7 @@ class EliminateNoopCasts(GraphPass):
         if root.op in ("placeholder", "get_attr"):
             raise _Refused("the graph output, which would alias a graph input")
         mine = alias_root(returned)
-        other_roots = {alias_root(n): n for n in state.returned() if n is not returned}
+        other_roots = {alias_root(n) for n in state.returned() if n is not returned}
         if root in other_roots and root is not mine:
             raise _Refused("the graph output, which would alias another output")
         # Another output shares this one's storage (the copy and a view of it, both
