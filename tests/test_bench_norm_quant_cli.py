@@ -86,7 +86,8 @@ def test_sweep_shapes_and_their_plans():
         ("token", "token", "mid", 4096, 4096), ("token", "token", "mid", 4096, 5120),
         ("token", "token", "mid", 4096, 7168), ("token", "token", "mid", 4096, 8192),
         ("token", "token", "small", 64, 4096), ("token", "token", "small", 64, 7168),
-        ("local+col", "group64_col", "mid", 4096, 4096), ("local+col", "group64_col", "mid", 4096, 7168),
+        ("local+col", "group64_col", "mid", 4096, 4096), ("local+col", "group64_col", "mid", 4096, 5120),
+        ("local+col", "group64_col", "mid", 4096, 7168), ("local+col", "group64_col", "mid", 4096, 8192),
         ("local+col", "group64_col", "small", 64, 4096), ("local+col", "group64_col", "small", 64, 7168)]
     assert [H for *_, H, _ in bnq.sweep_shapes(["token"], ("large",), [1536])] == [1536]
     vs = bnq.variants()

@@ -226,7 +226,8 @@ SWEEP_FAMILIES = {"token": "token", "token+int8": "int8_token", "local": "group1
                   "token+res": "add_token", "local+col": "group64_col"}
 SWEEP_H = {"token": (4096, 5120, 7168, 8192), "token+int8": (4096, 5120, 7168, 8192),
            "local": (4096, 5120, 7168, 8192), "local+res": (4096, 7168), "token+res": (4096, 7168),
-           "local+col": (4096, 7168)}
+           # all four target widths: at 8192 a plan no sweep had timed won by 11 points (session 9)
+           "local+col": (4096, 5120, 7168, 8192)}
 SWEEP_SIZES = ("large", "mid", "small")
 # PERSIST = programs per SM of the persistent variant (same compiled kernel for any count)
 # (the session-1 sweep's winners were CH 1024 / 4 warps and CH 2048 / 8 warps everywhere;
