@@ -55,7 +55,8 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     normalised row stays live until its amax is known) and the chunk-local ones (static,
     per group), and with a residual (two inputs, one more output). Column-major group scales
     get their own family: a row's scales land T elements apart, so rows per program decide
-    whether the scale stores coalesce. Per-token int8 is a family of its own (`+int8`)."""
+    whether the scale stores coalesce. Per-token int8 (`+int8`) and ue8m0 group scales
+    (`+ue8m0`) are qualifiers of their own: measured plans differ for them."""
     fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
     if spec.quant.kind == "int8_per_token":
         # rounding and clamping to int8 add work per element: the fp8 plans that win at
@@ -65,6 +66,11 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
         fam += "+res"
     if spec.quant.kind == "fp8_per_group" and spec.quant.col_major:
         fam += "+col"
+    if spec.quant.kind == "fp8_per_group" and spec.quant.ue8m0:
+        # power-of-two scales multiply where the others divide, and the two run fastest with
+        # different plans (T = 4096, H = 5120: 91% of the limit against 83% with group-128's
+        # plan; docs/benchmarks.md, session 10)
+        fam += "+ue8m0"
     return f"{fam}/{hidden}/{size_class(m)}"
 
 

@@ -57,7 +57,8 @@ def test_shipped_tables_are_well_formed():
         tuning = json.load(f)["configs"]
     for key, cfg in tuning.items():
         fam, hidden, size = key.split("/")
-        assert fam in ("token", "token+int8", "local", "token+res", "local+res", "local+col") and size in ("small", "mid", "large")
+        assert fam in ("token", "token+int8", "local", "token+res", "local+res", "local+col", "local+ue8m0",
+                       "local+col+ue8m0") and size in ("small", "mid", "large")
         p = nqt.plan(_spec(), int(hidden), dict(cfg), m={"small": 64, "mid": 4096, "large": 16384}[size])
         assert p["CH"] * p["NCH"] >= int(hidden)
 
@@ -163,6 +164,29 @@ def test_int8_per_token_has_its_own_family_and_falls_back(tuning_table):
     int8_res = _spec("int8_per_token", residual="input_dtype", scale_form="const_div", scale_const=127.0,
                      apply="mul", clamp_lo=-128.0, clamp_hi=127.0, out_dtype=torch.int8)
     assert nqt.plan(int8_res, 4096, m=4096)["CH"] == 512
+
+
+def test_ue8m0_group_scales_have_their_own_family_and_fall_back(tuning_table):
+    def g(**kw):
+        return _spec("fp8_per_group", apply="div", floor=1e-10, **kw)
+
+    ue_row, ue_col = g(group_size=128, ue8m0=True), g(group_size=64, col_major=True, ue8m0=True)
+    assert nqt.tuning_key(ue_row, 5120, 4096) == "local+ue8m0/5120/mid"
+    assert nqt.tuning_key(ue_col, 5120, 4096) == "local+col+ue8m0/5120/mid"
+    assert nqt.tuning_key(g(group_size=128, ue8m0=True, residual="input_dtype"), 7168, 16384) \
+        == "local+res+ue8m0/7168/large"
+    assert nqt.tuning_key(g(group_size=128), 5120, 4096) == "local/5120/mid"
+    tuning_table({"local/5120/mid": {"CH": 1024, "num_warps": 4, "WPRE": 1},
+                  "local+ue8m0/5120/mid": {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1},
+                  "local+col/5120/mid": {"CH": 1024, "num_warps": 4, "PERSIST": 8, "WPRE": 1},
+                  "local/5120/large": {"CH": 1024, "num_warps": 8}})
+    assert (nqt.plan(ue_row, 5120, m=4096)["CH"], nqt.plan(ue_row, 5120, m=4096)["PERSIST"]) == (2048, 4)
+    assert (nqt.plan(g(group_size=128), 5120, m=4096)["CH"], nqt.plan(g(group_size=128), 5120, m=4096)["PERSIST"]) \
+        == (1024, 0)
+    # col-major ue8m0 without an entry: col-major's before ue8m0's (the last qualifier goes first)
+    assert nqt.plan(ue_col, 5120, m=4096)["PERSIST"] == 8
+    # no ue8m0 entry of its size class: the plain family's
+    assert nqt.plan(ue_row, 5120, m=16384)["num_warps"] == 8
 
 
 def test_shipped_choice_for_registry_call():
