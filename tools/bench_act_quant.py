@@ -243,12 +243,9 @@ def bench_one(timer, bw: float, v: Variant, T: int, H: int, device: str = "cuda"
     inputs = v.make_inputs(T, H, device)
     x, up = v.op_args(*inputs)
     stock = stock_compile(v.eager)
-    # Stock Inductor compiles first, as in a compiled model. Its first compile sets
-    # TRITON_PTXAS_PATH to the ptxas shipped in torch/bin (CUDA 13.0 with torch 2.11+cu130,
-    # where Triton 3.6 bundles 12.8), and every Triton kernel compiled later in the process
-    # is assembled by it. Assembled by Triton's own, the silu kernel took 168 registers in
-    # place of 128 and 123 us in place of 110 (T=4096, I=14336, H100; the norm-quant kernel
-    # came out the same with either).
+    # The ptxas is torch's, as in a compiled model (`main`, tools/ptxas.py): assembled by
+    # Triton's own, the silu kernel took 168 registers in place of 128 and 123 us in place
+    # of 110 (T=4096, I=14336, H100; the norm-quant kernel came out the same with either).
     stock_out = stock(*inputs)
     fused_out = act_quant_ops.call(v.spec, x, up)
     eager_out = v.eager(*inputs)
@@ -389,8 +386,10 @@ def main(args: argparse.Namespace, config=None) -> int:
         return _error(f"the Triton kernel (fusewright.lowering.act_quant_triton.launch) is unavailable: {why}")
     from ..lowering.auto import plain_device_name
     from .bench_norm_quant import Timer, copy_bandwidth, environment
+    from .ptxas import use_torch_ptxas
 
     torch.manual_seed(0)
+    use_torch_ptxas()  # before the first Triton compile of the process (tools/ptxas.py)
     timer = Timer(args.reps, flush=args.flush)
     copies: dict = {}
     bw = copy_bandwidth(timer, copies)

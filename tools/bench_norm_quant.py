@@ -16,9 +16,8 @@ bandwidth measured in the same run.
     # re-tune T=4096 only, merged into the shipped table
     fusewright bench norm-quant --sweep --sweep-sizes mid --families token,local,local+col --write-tuning lowering/norm_quant_tuning.json
 
-The sweep compiles its plans in `--compile-workers` processes before timing them, and
-compiles a small stock-Inductor graph first so that its kernels are assembled by the
-ptxas a compiled model uses.
+The sweep compiles its plans in `--compile-workers` processes before timing them. Every
+kernel is assembled by the ptxas a compiled model uses (torch's, tools/ptxas.py).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import torch
 
 from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
 from .cuda_graph import capture as capture_graph
+from .ptxas import use_torch_ptxas
 from .cuda_graph import FLUSH_MODES, flush_l2
 
 HELP = "fused RMSNorm+quant kernels vs stock Inductor"
@@ -319,12 +319,9 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
     fastest go into that tuning table. Entries of an existing table that this sweep did not
     measure are kept, so one size class or hidden size can be re-swept on its own.
 
-    Stock Inductor compiles a small graph first, as in a compiled model: its first compile
-    points TRITON_PTXAS_PATH at torch's ptxas, which then assembles every Triton kernel of
-    the process, so the plans are chosen as a compiled model will run them (docs/act-quant.md)."""
+    The plans are assembled by torch's ptxas, as in a compiled model (`main` sets it first,
+    tools/ptxas.py; the compile workers inherit it)."""
     vs = variants()
-    _inductor_fn(vs["token"])(*make_inputs(vs["token"], 8, 256))
-    env["ptxas"] = os.environ.get("TRITON_PTXAS_PATH", "triton's own")
     shapes = list(sweep_shapes(families, sizes, hidden))
     if compile_workers > 0:
         precompile(shapes, compile_workers)
@@ -415,7 +412,7 @@ def environment(bw: float) -> dict:
 
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                copy_bandwidth_TBps=round(bw / 1e12, 3))
+                copy_bandwidth_TBps=round(bw / 1e12, 3), ptxas=use_torch_ptxas())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -503,6 +500,7 @@ def main(args: argparse.Namespace, config=None) -> int:
     if unknown:
         print(f"unknown variants {unknown}; available: {', '.join(vs)}", file=sys.stderr)
         return 2
+    use_torch_ptxas()  # before the first Triton compile of the process (tools/ptxas.py)
     timer = Timer(args.reps, flush=args.flush)
     copies: dict = {}
     bw = copy_bandwidth(timer, copies)
