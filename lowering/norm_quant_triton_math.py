@@ -145,6 +145,27 @@ def _ceil(x, INTERP: tl.constexpr):
         return libdevice.ceil(x)
 
 
+# f32 -> int8, four to a register: cvt.rni.sat rounds half to even and saturates to
+# [-128, 127] (NaN -> 0), which is rint, the clamp to the int8 range and the conversion in
+# one instruction (F2I.S8 on sm_90); prmt packs the four bytes
+_S8X4_ASM = tl.constexpr("""{
+    .reg .b32 r0, r1, r2, r3, lo, hi;
+    cvt.rni.sat.s8.f32 r0, $1;
+    cvt.rni.sat.s8.f32 r1, $2;
+    cvt.rni.sat.s8.f32 r2, $3;
+    cvt.rni.sat.s8.f32 r3, $4;
+    prmt.b32 lo, r0, r1, 0x0040;
+    prmt.b32 hi, r2, r3, 0x0040;
+    prmt.b32 $0, lo, hi, 0x5410;
+}""")
+
+
+@triton.jit
+def _to_s8_rni_sat(t):
+    """f32 -> int8: round half to even, saturate to [-128, 127], NaN -> 0 (GPU only)."""
+    return tl.inline_asm_elementwise(_S8X4_ASM, "=r,r,r,r,r", [t], dtype=tl.int8, is_pure=True, pack=4)
+
+
 @triton.jit
 def _to_fp8(t, INTERP: tl.constexpr):
     """f32 in [-448, 448] or NaN -> float8_e4m3fn, round to nearest even."""
@@ -392,6 +413,8 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
 
 
 _E4M3_MAX = tl.constexpr(448.0)
+_INT8_LO = tl.constexpr(-128.0)
+_INT8_HI = tl.constexpr(127.0)
 # how _quant_store divides by the scale (APPLY "div", exact mode): `_div_exact` (any divisor),
 # `_div_exact_nonneg` (scales known not to be negative), `_div_exact_ok` (checked by `_div_ok`)
 DIV_ANY = tl.constexpr(0)
@@ -433,17 +456,23 @@ def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.const
         t = _div_exact_nonneg(yq, s, rs)
     else:
         t = _div_exact(yq, s, rs)
-    if INT8:
-        t = _rint(t, INTERP)
-    # The GPU's f32 -> e4m3 conversion saturates (cvt.rn.satfinite: beyond +-448 -> +-448,
-    # NaN -> NaN; the sm_90 compile test checks the PTX), so a clamp to exactly +-448 is the
-    # conversion's own and is left to it: one instruction per element fewer
-    if INT8 or INTERP or CLO != -_E4M3_MAX or CHI != _E4M3_MAX:
-        t = tl.clamp(t, CLO, CHI, propagate_nan=tl.PropagateNan.ALL)
-    if INT8:
-        qv = t.to(tl.int8)
+    if INT8 and not INTERP and CLO == _INT8_LO and CHI == _INT8_HI:
+        # rint, the clamp to exactly the int8 range and the conversion are one saturating
+        # conversion (NaN -> 0, as the conversion after a NaN-propagating clamp gives):
+        # ~4 instructions per element fewer (SASS, sm_90)
+        qv = _to_s8_rni_sat(t)
     else:
-        qv = _to_fp8(t, INTERP)
+        if INT8:
+            t = _rint(t, INTERP)
+        # The GPU's f32 -> e4m3 conversion saturates (cvt.rn.satfinite: beyond +-448 -> +-448,
+        # NaN -> NaN; the sm_90 compile test checks the PTX), so a clamp to exactly +-448 is
+        # the conversion's own and is left to it: one instruction per element fewer
+        if INT8 or INTERP or CLO != -_E4M3_MAX or CHI != _E4M3_MAX:
+            t = tl.clamp(t, CLO, CHI, propagate_nan=tl.PropagateNan.ALL)
+        if INT8:
+            qv = t.to(tl.int8)
+        else:
+            qv = _to_fp8(t, INTERP)
     col = _offs(c, CH, CG, GS)
     if MASKED:
         tl.store(q_ptr + qrow + col, qv, mask=rmask & (col < H))

@@ -178,6 +178,16 @@ def test_fp8_conversions_saturate(compiled):
     assert not bad, bad
 
 
+def test_int8_conversions_saturate_in_one_instruction(compiled):
+    """int8 with the int8 range as its clamp converts with `cvt.rni.sat.s8.f32` (rounding,
+    clamp and conversion in one), never by a truncating conversion after rint and a clamp."""
+    int8 = {k: v for k, v in compiled.items() if k.startswith("nq:int8") and "error" not in v}
+    assert int8
+    bad = {k: (v["cvt_s8_rni_sat"], v["cvt_rzi_int"]) for k, v in int8.items()
+           if not v["cvt_s8_rni_sat"] or v["cvt_rzi_int"]}
+    assert not bad, bad
+
+
 def test_resident_programs_counts_the_scarcest_resource():
     from fusewright.tools.kernel_aot import resident_programs
 

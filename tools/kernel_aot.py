@@ -108,7 +108,11 @@ def resources(compiled) -> dict:
                # f32 -> fp8 e4m3 conversions, and how many saturate (the norm-quant kernel
                # leaves its +-448 clamp to them)
                cvt_e4m3=len(re.findall(r"\bcvt\.[\w.]*e4m3", ptx)),
-               cvt_e4m3_satfinite=len(re.findall(r"\bcvt\.rn\.satfinite\.e4m3x2\.f32\b", ptx)))
+               cvt_e4m3_satfinite=len(re.findall(r"\bcvt\.rn\.satfinite\.e4m3x2\.f32\b", ptx)),
+               # f32 -> int8: the one saturating round-to-nearest conversion the norm-quant
+               # kernel uses for the int8 range, and truncating ones (a rint-clamp-convert path)
+               cvt_s8_rni_sat=len(re.findall(r"\bcvt\.rni\.sat\.s8\.f32\b", ptx)),
+               cvt_rzi_int=len(re.findall(r"\bcvt\.rzi\.[su]\d+\.f32\b", ptx)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
