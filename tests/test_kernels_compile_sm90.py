@@ -99,6 +99,16 @@ def _worker() -> dict:
                 x = torch.randn(4096, width, dtype=torch.bfloat16)
                 up = torch.randn_like(x) if spec.prologue == "silu_mul" else None
                 record(f"aq:{name}:{width}", aq, lambda: act_quant_triton.launch(spec, x, up))
+        # per-token int8 (its one-instruction conversion) in the split and the one-tile layouts
+        from fusewright.lowering.act_quant_spec import ActQuantSpec
+        from fusewright.lowering.norm_quant_spec import QuantSpec
+
+        int8 = ActQuantSpec("silu_mul", torch.bfloat16, QuantSpec(
+            kind="int8_per_token", out_dtype=torch.int8, scale_const=127.0, clamp_lo=-128.0, clamp_hi=127.0,
+            apply="div", floor=1e-5), act_dtype=torch.bfloat16, h_dtype=torch.bfloat16)
+        for width in (4096, 14336):
+            x = torch.randn(4096, width, dtype=torch.bfloat16)
+            record(f"aq:int8:{width}", aq, lambda: act_quant_triton.launch(int8, x, torch.randn_like(x)))
 
         rn = CompileOnly(rms_norm_triton.rms_norm_kernel)
         for hidden, res in ((4096, False), (7168, True)):
@@ -181,8 +191,8 @@ def test_fp8_conversions_saturate(compiled):
 def test_int8_conversions_saturate_in_one_instruction(compiled):
     """int8 with the int8 range as its clamp converts with `cvt.rni.sat.s8.f32` (rounding,
     clamp and conversion in one), never by a truncating conversion after rint and a clamp."""
-    int8 = {k: v for k, v in compiled.items() if k.startswith("nq:int8") and "error" not in v}
-    assert int8
+    int8 = {k: v for k, v in compiled.items() if k.startswith(("nq:int8", "aq:int8")) and "error" not in v}
+    assert any(k.startswith("nq:") for k in int8) and any(k.startswith("aq:") for k in int8)
     bad = {k: (v["cvt_s8_rni_sat"], v["cvt_rzi_int"]) for k, v in int8.items()
            if not v["cvt_s8_rni_sat"] or v["cvt_rzi_int"]}
     assert not bad, bad
