@@ -33,8 +33,8 @@ import torch
 
 from ..lowering.norm_quant_spec import NormQuantSpec, NormSpec, QuantSpec
 from .cuda_graph import capture as capture_graph
-from .ptxas import use_torch_ptxas
 from .cuda_graph import FLUSH_MODES, flush_l2
+from .ptxas import use_torch_ptxas
 
 HELP = "fused RMSNorm+quant kernels vs stock Inductor"
 
