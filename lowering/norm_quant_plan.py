@@ -83,13 +83,17 @@ def size_class(m: int | None) -> str:
 
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
-    size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`) the family
-    with fewer of them, the last ones dropped first."""
+    size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`, `+ue8m0`) a
+    family with fewer of them. Qualifiers are dropped last first, and an earlier one is kept
+    as long as any family keeping it is measured: `local+res+col+ue8m0` tries `local+res+col`,
+    `local+res+ue8m0`, `local+res`, then `local+col+ue8m0` (a residual changes registers and
+    bytes per element more than the scale layout does)."""
     fam, hidden, size = key.split("/")
     sizes = ("mid", "large") if size == "mid" else (size,)
     base, *quals = fam.split("+")
-    fams = ["+".join((base, *kept)) for n in range(len(quals), -1, -1)
-            for kept in itertools.combinations(quals, n)]
+    # masks in descending binary order, the first qualifier the most significant bit
+    fams = ["+".join((base, *(q for q, keep in zip(quals, mask) if keep)))
+            for mask in itertools.product((True, False), repeat=len(quals))]
     for f, sz in ((f, sz) for f in fams for sz in sizes):
         cands = [(abs(int(k.split("/")[1]) - int(hidden)), v) for k, v in table.items()
                  if k.split("/")[0] == f and k.split("/")[2] == sz]

@@ -187,6 +187,13 @@ def test_ue8m0_group_scales_have_their_own_family_and_fall_back(tuning_table):
     assert nqt.plan(ue_col, 5120, m=4096)["PERSIST"] == 8
     # no ue8m0 entry of its size class: the plain family's
     assert nqt.plan(ue_row, 5120, m=16384)["num_warps"] == 8
+    # with a residual as well: the residual family before the col-major ue8m0 one, which
+    # drops the residual
+    tuning_table({"local+col+ue8m0/5120/mid": {"CH": 2048, "num_warps": 4, "PERSIST": 4, "WPRE": 1},
+                  "local+res/5120/mid": {"CH": 1024, "num_warps": 8}})
+    res_col_ue = g(group_size=64, col_major=True, ue8m0=True, residual="input_dtype")
+    assert nqt.tuning_key(res_col_ue, 5120, 4096) == "local+res+col+ue8m0/5120/mid"
+    assert (nqt.plan(res_col_ue, 5120, m=4096)["num_warps"], nqt.plan(res_col_ue, 5120, m=4096)["PERSIST"]) == (8, 0)
 
 
 def test_shipped_choice_for_registry_call():
