@@ -159,15 +159,15 @@ def _act_quant_kernel(
     if KIND == 2:
         _group_finish(_up(h0, HELD, INTERP), _up(h0, HELD, INTERP), 0, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                       COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST,
-                      RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP, SDIV)
+                      RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP, SDIV, False)
         if CH1 > 0:
             _group_finish(_up(h1, HELD, INTERP), _up(h1, HELD, INTERP), C1, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                           COLMAJ, H, CH1, G1, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
-                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV)
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV, False)
         if CH2 > 0:
             _group_finish(_up(h2, HELD, INTERP), _up(h2, HELD, INTERP), C2, rows, rmask, M, q_ptr, qrow, s_ptr, G,
                           COLMAJ, H, CH2, G2, GS, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV,
-                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV)
+                          SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, False, INTERP, SDIV, False)
     else:
         am = _amax(h0, HELD, INTERP)
         if CH1 > 0:

@@ -51,7 +51,8 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
 )
 from .norm_quant_triton_math import (
     DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w,
-    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_y, _up, scale_division,
+    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up,
+    scale_division,
 )
 
 
@@ -301,10 +302,7 @@ def _process(
         am = tl.reduce(tl.reduce(amt, 2, _max_nan), 1, _max_nan)
         s_row = _scale_from_amax(am, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0,
                                  INTERP)
-        if ROWS == 1 or not MASKED:
-            tl.store(s_ptr + rows, s_row)
-        else:
-            tl.store(s_ptr + rows, s_row, mask=rows < M)
+        _store_scales(s_ptr + rows, s_row, rows < M, INTERP)
         rs_row = tl.div_rn(_c32(1.0), s_row)
         s3 = s_row[:, None, None]
         rs3 = rs_row[:, None, None]

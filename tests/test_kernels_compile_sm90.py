@@ -213,5 +213,16 @@ def test_resident_programs_counts_the_scarcest_resource():
     assert resident_programs(dict(regs=40, shared=49184, num_warps=4), smem_per_sm=102400) == 2
 
 
+def test_group_scales_are_stored_without_a_layout_conversion(compiled):
+    """The per-group kinds store their scales from the registers the group reduction left
+    them in (`_store_scales`): a tl.store would have Triton convert them to a layout of its
+    own through shared memory, a barrier pair per chunk (up to 5% of the time at T = 4096 on
+    an H100, docs/benchmarks.md session 11). No per-group case may keep a conversion."""
+    group = {k: v for k, v in compiled.items() if k.startswith("nq:") and "group" in k and "error" not in v}
+    assert len(group) >= 10
+    bad = {k: v["layout_converts"] for k, v in group.items() if v["layout_converts"]}
+    assert not bad, bad
+
+
 if __name__ == "__main__" and "--compile-worker" in sys.argv:
     print(json.dumps(_worker()))

@@ -98,9 +98,10 @@ def resources(compiled) -> dict:
     """Registers, spill stores/local memory and static shared memory per thread block (from
     `cuobjdump --dump-resource-usage` on the cubin, the numbers the driver reports on a GPU),
     Triton's shared-memory allocation, and what the PTX issues: asynchronous copies
-    (`cp.async`, what the software pipeliner emits for a pipelined load), bulk/TMA copies
-    and plain global loads."""
+    (`cp.async`, what the software pipeliner emits for a pipelined load), bulk/TMA copies,
+    plain global loads, conversions and barriers, and the layout conversions of the TTGIR."""
     ptx = compiled.asm["ptx"]
+    ttgir = compiled.asm["ttgir"] if "ttgir" in compiled.asm else ""
     out = dict(shared=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps),
                cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
                cp_async_bulk=len(re.findall(r"\bcp\.async\.bulk\b", ptx)),
@@ -112,7 +113,11 @@ def resources(compiled) -> dict:
                # f32 -> int8: the one saturating round-to-nearest conversion the norm-quant
                # kernel uses for the int8 range, and truncating ones (a rint-clamp-convert path)
                cvt_s8_rni_sat=len(re.findall(r"\bcvt\.rni\.sat\.s8\.f32\b", ptx)),
-               cvt_rzi_int=len(re.findall(r"\bcvt\.rzi\.[su]\d+\.f32\b", ptx)))
+               cvt_rzi_int=len(re.findall(r"\bcvt\.rzi\.[su]\d+\.f32\b", ptx)),
+               # layout conversions Triton kept (each a round trip through shared memory
+               # between two block barriers) and the block barriers of the PTX
+               layout_converts=len(re.findall(r"\bttg\.convert_layout\b", ttgir)),
+               bar_sync=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
