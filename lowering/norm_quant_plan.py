@@ -55,8 +55,9 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
     normalised row stays live until its amax is known) and the chunk-local ones (static,
     per group), and with a residual (two inputs, one more output). Column-major group scales
     get their own family: a row's scales land T elements apart, so rows per program decide
-    whether the scale stores coalesce. Per-token int8 (`+int8`) and ue8m0 group scales
-    (`+ue8m0`) are qualifiers of their own: measured plans differ for them."""
+    whether the scale stores coalesce. Per-token int8 (`+int8`), ue8m0 group scales
+    (`+ue8m0`) and static scales (`+static`) are qualifiers of their own: measured plans
+    differ for them."""
     fam = "token" if spec.quant.kind in ("fp8_per_token", "int8_per_token") else "local"
     if spec.quant.kind == "int8_per_token":
         # rounding and clamping to int8 add work per element: the fp8 plans that win at
@@ -71,6 +72,11 @@ def tuning_key(spec: NormQuantSpec, hidden: int, m: int | None) -> str:
         # different plans (T = 4096, H = 5120: 91% of the limit against 83% with group-128's
         # plan; docs/benchmarks.md, session 10)
         fam += "+ue8m0"
+    if spec.quant.kind == "fp8_static":
+        # no scale to reduce per chunk: at T = 4096, H = 5120 and 7168 static runs at 98% with
+        # a grid of one-row programs and 92-94% with group-128's persistent plans, which win
+        # for the group kinds (docs/benchmarks.md, session 11)
+        fam += "+static"
     return f"{fam}/{hidden}/{size_class(m)}"
 
 
@@ -83,7 +89,8 @@ def size_class(m: int | None) -> str:
 
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
-    size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`, `+ue8m0`) a
+    size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`, `+ue8m0`,
+    `+static`) a
     family with fewer of them. Qualifiers are dropped last first, and an earlier one is kept
     as long as any family keeping it is measured: `local+res+col+ue8m0` tries `local+res+col`,
     `local+res+ue8m0`, `local+res`, then `local+col+ue8m0` (a residual changes registers and

@@ -58,7 +58,7 @@ def test_shipped_tables_are_well_formed():
     for key, cfg in tuning.items():
         fam, hidden, size = key.split("/")
         assert fam in ("token", "token+int8", "local", "token+res", "local+res", "local+col", "local+ue8m0",
-                       "local+col+ue8m0") and size in ("small", "mid", "large")
+                       "local+col+ue8m0", "local+static") and size in ("small", "mid", "large")
         p = nqt.plan(_spec(), int(hidden), dict(cfg), m={"small": 64, "mid": 4096, "large": 16384}[size])
         assert p["CH"] * p["NCH"] >= int(hidden)
 
@@ -194,6 +194,36 @@ def test_ue8m0_group_scales_have_their_own_family_and_fall_back(tuning_table):
     res_col_ue = g(group_size=64, col_major=True, ue8m0=True, residual="input_dtype")
     assert nqt.tuning_key(res_col_ue, 5120, 4096) == "local+res+col+ue8m0/5120/mid"
     assert (nqt.plan(res_col_ue, 5120, m=4096)["num_warps"], nqt.plan(res_col_ue, 5120, m=4096)["PERSIST"]) == (8, 0)
+
+
+def test_static_scales_have_their_own_family_and_fall_back(tuning_table):
+    static = _spec("fp8_static", apply="div")
+    group = _spec("fp8_per_group", group_size=128, apply="div", floor=1e-10)
+    assert nqt.tuning_key(static, 7168, 4096) == "local+static/7168/mid"
+    assert nqt.tuning_key(_spec("fp8_static", apply="div", residual="input_dtype"), 7168, 4096) \
+        == "local+res+static/7168/mid"
+    tuning_table({"local/7168/mid": {"CH": 1024, "num_warps": 4, "PERSIST": 4, "PIPE": 3, "WPRE": 1},
+                  "local+static/7168/mid": {"CH": 1024, "num_warps": 4, "WPRE": 1},
+                  "local/7168/small": {"CH": 2048, "num_warps": 8},
+                  "local+res/7168/mid": {"CH": 1024, "num_warps": 8}})
+    # static and per-group scales at the same shape: each its own plan
+    assert (nqt.plan(static, 7168, m=4096)["PERSIST"], nqt.plan(static, 7168, m=4096)["PIPE"]) == (0, 0)
+    assert (nqt.plan(group, 7168, m=4096)["PERSIST"], nqt.plan(group, 7168, m=4096)["PIPE"]) == (4, 3)
+    # no static entry of its size class: the family's
+    assert nqt.plan(static, 7168, m=64)["CH"] == 2048
+    # with a residual: the residual family's plan (the static qualifier goes first)
+    assert nqt.plan(_spec("fp8_static", apply="div", residual="input_dtype"), 7168, m=4096)["num_warps"] == 8
+
+
+def test_shipped_table_keeps_static_plans_at_every_local_width():
+    """`_lookup` gives a family the nearest measured width of its own before its parent's, so
+    the static family has a mid entry wherever `local` has one (else static at those widths
+    would borrow the static plan of a neighbour)."""
+    with open(nqt.TUNING_PATH) as f:
+        tuning = json.load(f)["configs"]
+    local_mid = {k.split("/")[1] for k in tuning if k.startswith("local/") and k.endswith("/mid")}
+    static_mid = {k.split("/")[1] for k in tuning if k.startswith("local+static/") and k.endswith("/mid")}
+    assert local_mid and static_mid == local_mid
 
 
 def test_shipped_choice_for_registry_call():

@@ -224,14 +224,15 @@ QUICK_SHAPES = [(4096, 4096), (16384, 7168), (16, 7168), (256, 4096)]
 # the fastest goes into the tuning table (--write-tuning, shipped as norm_quant_tuning.json)
 SWEEP_FAMILIES = {"token": "token", "token+int8": "int8_token", "local": "group128", "local+res": "add_group128",
                   "token+res": "add_token", "local+col": "group64_col", "local+ue8m0": "group128_ue8m0",
-                  "local+col+ue8m0": "group64_col_ue8m0"}
+                  "local+col+ue8m0": "group64_col_ue8m0", "local+static": "static"}
 _TARGET_H = (4096, 5120, 7168, 8192)
 # local+col at all four target widths: at 8192 a plan no sweep had timed won by 11 points
 # (session 9). A family swept at fewer widths than the table's other entries would borrow,
 # at the missing ones, the nearest width's plan of its own family before its parent's
 # (`_lookup`), so the qualified families are swept at all four.
 SWEEP_H = {"token": _TARGET_H, "token+int8": _TARGET_H, "local": _TARGET_H, "local+res": (4096, 7168),
-           "token+res": (4096, 7168), "local+col": _TARGET_H, "local+ue8m0": _TARGET_H, "local+col+ue8m0": _TARGET_H}
+           "token+res": (4096, 7168), "local+col": _TARGET_H, "local+ue8m0": _TARGET_H, "local+col+ue8m0": _TARGET_H,
+           "local+static": _TARGET_H}
 SWEEP_SIZES = ("large", "mid", "small")
 # PERSIST = programs per SM of the persistent variant (same compiled kernel for any count)
 # (the session-1 sweep's winners were CH 1024 / 4 warps and CH 2048 / 8 warps everywhere;
