@@ -90,11 +90,10 @@ def size_class(m: int | None) -> str:
 def _lookup(table: dict, key: str) -> dict:
     """The table entry for `key`, else the same family and size at the nearest measured hidden
     size, else (a family with qualifiers not measured: `+int8`, `+res`, `+col`, `+ue8m0`,
-    `+static`) a
-    family with fewer of them. Qualifiers are dropped last first, and an earlier one is kept
-    as long as any family keeping it is measured: `local+res+col+ue8m0` tries `local+res+col`,
-    `local+res+ue8m0`, `local+res`, then `local+col+ue8m0` (a residual changes registers and
-    bytes per element more than the scale layout does)."""
+    `+static`) a family with fewer of them. Qualifiers are dropped last first, and an earlier
+    one is kept as long as any family keeping it is measured: `local+res+col+ue8m0` tries
+    `local+res+col`, `local+res+ue8m0`, `local+res`, then `local+col+ue8m0` (a residual
+    changes registers and bytes per element more than the scale layout does)."""
     fam, hidden, size = key.split("/")
     sizes = ("mid", "large") if size == "mid" else (size,)
     base, *quals = fam.split("+")
