@@ -50,82 +50,16 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _ld, _ld_w,
-    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up,
-    scale_division,
+    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _max_nan,
+    _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up, scale_division,
 )
+from .norm_quant_triton_rows import _keep_scales, _ld_rows, _pre_ws, _store_scale_blocks
 
 
 # ---------------------------------------------------------------------- kernel
 # Why per-chunk helpers and `if NCH > k` ladders: a row is NCH <= 8 separate register tiles
 # (Triton cannot keep a list of tensors across a loop), so each step is one helper called
 # once per chunk behind a constexpr guard; unused chunk slots repeat chunk 0 and are never read.
-
-
-@triton.jit
-def _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, c: tl.constexpr, x_dflt, r_dflt, H: tl.constexpr,
-              CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, RES: tl.constexpr,
-              LDMASK: tl.constexpr):
-    """Raw chunk c of x and of the residual (x again without one); the defaults past NCH."""
-    if NCH > c:
-        xv = _ld(x_ptr, rows_x, lm, c, H, CH, CG, GS, LDMASK)
-        if RES != 0:
-            rv = _ld(r_ptr, rows_r, lm, c, H, CH, CG, GS, LDMASK)
-        else:
-            rv = xv
-    else:
-        xv = x_dflt
-        rv = r_dflt
-    return xv, rv
-
-
-@triton.jit
-def _ld_rows(x_ptr, r_ptr, rows, M, x_stride, r_stride, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
-             CG: tl.constexpr, GS: tl.constexpr, RES: tl.constexpr, LDMASK: tl.constexpr):
-    """The raw chunks x0..x7, r0..r7 of `rows`: what a program (or the persistent loop's
-    prefetch) holds before the row is processed."""
-    rows_x = rows.to(tl.int64)[:, None, None] * x_stride
-    rows_r = rows.to(tl.int64)[:, None, None] * r_stride
-    lm = (rows < M)[:, None, None]
-    x0 = _ld(x_ptr, rows_x, lm, 0, H, CH, CG, GS, LDMASK)
-    if RES != 0:
-        r0 = _ld(r_ptr, rows_r, lm, 0, H, CH, CG, GS, LDMASK)
-    else:
-        r0 = x0
-    x1, r1 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 1, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x2, r2 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 2, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x3, r3 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 3, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x4, r4 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 4, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x5, r5 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 5, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x6, r6 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 6, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    x7, r7 = _ld_chunk(x_ptr, r_ptr, rows_x, rows_r, lm, 7, x0, r0, H, CH, NCH, CG, GS, RES, LDMASK)
-    return x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7
-
-
-@triton.jit
-def _pre_w(w_ptr, c: tl.constexpr, dflt, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr,
-           GS: tl.constexpr, WST: tl.constexpr, WPRE: tl.constexpr, MASKED: tl.constexpr):
-    """Chunk c of the weight when it is prefetched (WPRE), else a placeholder never read."""
-    if WPRE and WST != 0 and NCH > c:
-        wv = _ld_w(w_ptr, c, H, CH, CG, GS, MASKED)
-    else:
-        wv = dflt
-    return wv
-
-
-@triton.jit
-def _pre_ws(w_ptr, dflt, H: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr,
-            GS: tl.constexpr, WST: tl.constexpr, WPRE: tl.constexpr, MASKED: tl.constexpr):
-    """Every weight chunk, when prefetched (WPRE); placeholders otherwise."""
-    w0 = _pre_w(w_ptr, 0, dflt, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w1 = _pre_w(w_ptr, 1, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w2 = _pre_w(w_ptr, 2, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w3 = _pre_w(w_ptr, 3, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w4 = _pre_w(w_ptr, 4, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w5 = _pre_w(w_ptr, 5, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w6 = _pre_w(w_ptr, 6, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    w7 = _pre_w(w_ptr, 7, w0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
-    return w0, w1, w2, w3, w4, w5, w6, w7
 
 
 @triton.jit
@@ -216,9 +150,12 @@ def _process(
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, WPRE: tl.constexpr, SDIV: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     """Everything after the raw loads of the rows' chunks x0.. (and residual r0..; unused
-    ones are dummies) and, with WPRE, of the weight chunks w0.. (else dummies)."""
+    ones are dummies) and, with WPRE, of the weight chunks w0.. (else dummies). With KEEP
+    (per-group kinds) the group scales of each chunk are returned, not stored; the other
+    returned values are placeholders."""
     rmask3 = (rows < M)[:, None, None]
     r64 = rows.to(tl.int64)[:, None, None]
     orow = r64 * H  # outputs are contiguous [M, H]
@@ -273,6 +210,14 @@ def _process(
     rinv = rinv[:, None, None]
     rsq = rsq[:, None, None]
 
+    k0 = rinv  # the chunks' kept group scales (KEEP); placeholders otherwise
+    k1 = k0
+    k2 = k0
+    k3 = k0
+    k4 = k0
+    k5 = k0
+    k6 = k0
+    k7 = k0
     # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
     # keeps the normalised chunks until the row amax is known
     if KIND == 1 or KIND == 3:
@@ -318,37 +263,38 @@ def _process(
             _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG, GS,
                           APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV)
     else:
-        _chunk_local(_up(h0, HS_DT, INTERP), w0, 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                     H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                     FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+        k0 = _chunk_local(_up(h0, HS_DT, INTERP), w0, 0, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                          H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                          FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 1:
-            _chunk_local(_up(h1, HS_DT, INTERP), w1, 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k1 = _chunk_local(_up(h1, HS_DT, INTERP), w1, 1, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 2:
-            _chunk_local(_up(h2, HS_DT, INTERP), w2, 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k2 = _chunk_local(_up(h2, HS_DT, INTERP), w2, 2, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 3:
-            _chunk_local(_up(h3, HS_DT, INTERP), w3, 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k3 = _chunk_local(_up(h3, HS_DT, INTERP), w3, 3, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 4:
-            _chunk_local(_up(h4, HS_DT, INTERP), w4, 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k4 = _chunk_local(_up(h4, HS_DT, INTERP), w4, 4, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 5:
-            _chunk_local(_up(h5, HS_DT, INTERP), w5, 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k5 = _chunk_local(_up(h5, HS_DT, INTERP), w5, 5, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 6:
-            _chunk_local(_up(h6, HS_DT, INTERP), w6, 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k6 = _chunk_local(_up(h6, HS_DT, INTERP), w6, 6, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
         if NCH > 7:
-            _chunk_local(_up(h7, HS_DT, INTERP), w7, 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
-                         H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
-                         FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV)
+            k7 = _chunk_local(_up(h7, HS_DT, INTERP), w7, 7, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr, y_ptr, s_static, rs_static,
+                              H, CH, CG, GS, INV, WST, WDT, CDT, ODT, KIND, G, COLMAJ, SMD, HAS_UB, UB, HAS_FLOOR,
+                              FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, RET_Y, FAST, MASKED, WPRE, INTERP, SDIV, KEEP)
+    return k0, k1, k2, k3, k4, k5, k6, k7
 
 
 
@@ -367,7 +313,7 @@ def _rms_norm_quant_kernel(
     RCONST: tl.constexpr, RH: tl.constexpr,
     APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, SIN_DT: tl.constexpr,
     RET_Y: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr, PERSIST: tl.constexpr, WPRE: tl.constexpr,
-    PIPE: tl.constexpr, SDIV: tl.constexpr,
+    PIPE: tl.constexpr, SDIV: tl.constexpr, SEQ: tl.constexpr,
 ):
     """One program per ROWS rows, or (PERSIST) a persistent loop over rows, in one of two forms:
 
@@ -375,10 +321,16 @@ def _rms_norm_quant_kernel(
       is processed (loop-carried registers, twice the row's registers);
     * PIPE = S > 1: the loop is software-pipelined by the compiler (``tl.range(num_stages=S)``):
       the loads of the next S - 1 rows are issued as asynchronous copies into shared memory,
-      so a program keeps rows in flight without holding them in registers."""
+      so a program keeps rows in flight without holding them in registers;
+
+    or (SEQ > 0) one program per SEQ consecutive rows, processed one after another with the
+    next row prefetched into registers as in the first form. Column-major group scales are
+    then kept in registers and stored once per program: SEQ consecutive tokens of a group are
+    contiguous, so each group's scales go out as one SEQ * 4-byte store instead of SEQ
+    4-byte stores into sectors that other programs complete."""
     pid = tl.program_id(0)
-    # the register-prefetch loop's load of the row after the last one is masked off
-    LDMASK: tl.constexpr = (PERSIST and PIPE == 0) or MASKED
+    # the register-prefetch loops' load of the row after the last one is masked off
+    LDMASK: tl.constexpr = (PERSIST and PIPE == 0) or SEQ > 0 or MASKED
     if PERSIST and PIPE > 0:
         nprog = tl.num_programs(0)
         # placeholders of the weight chunks when they are not held (never read)
@@ -392,7 +344,36 @@ def _rms_norm_quant_kernel(
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, False)
+    elif SEQ > 0:
+        BATCH: tl.constexpr = KIND == 2 and COLMAJ
+        base = pid * SEQ
+        end = tl.minimum(M, base + SEQ)  # the prefetch past the program's last row is masked off
+        rows = base + tl.arange(0, 1)
+        x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
+            x_ptr, r_ptr, rows, end, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+        # the program's scales, [SEQ, CG] per chunk (BATCH); unused otherwise
+        a0 = tl.zeros([SEQ, CG], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        for i in range(SEQ):
+            nrows = rows + 1
+            nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7, nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7 = _ld_rows(
+                x_ptr, r_ptr, nrows, end, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _process(
+                rows, x0, x1, x2, x3, x4, x5, x6, x7,
+                r0, r1, r2, r3, r4, r5, r6, r7,
+                w0, w1, w2, w3, w4, w5, w6, w7,
+                w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
+                H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, BATCH)
+            if BATCH:
+                a0, a1, a2, a3, a4, a5, a6, a7 = _keep_scales(a0, a1, a2, a3, a4, a5, a6, a7, k0, k1, k2, k3, k4, k5,
+                                                              k6, k7, i, NCH, SEQ)
+            x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
+            r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
+            rows = nrows
+        if BATCH:
+            _store_scale_blocks(s_ptr, a0, a1, a2, a3, a4, a5, a6, a7, base, M, G, CG, NCH, SEQ)
     elif PERSIST:
         nprog = tl.num_programs(0)
         rows = pid + tl.arange(0, 1)
@@ -408,7 +389,7 @@ def _rms_norm_quant_kernel(
                      r0, r1, r2, r3, r4, r5, r6, r7,
                      w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
+                     H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, False)
             x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
             r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
             rows = nrows
@@ -421,7 +402,7 @@ def _rms_norm_quant_kernel(
                  r0, r1, r2, r3, r4, r5, r6, r7,
                  w0, w1, w2, w3, w4, w5, w6, w7,
                  w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
-                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV)
+                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, False)
 
 
 @triton.jit
@@ -433,8 +414,10 @@ def _chunk_local(h, wv, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr
                  SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr,
                  CLO: tl.constexpr,
                  CHI: tl.constexpr, RET_Y: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 WPRE: tl.constexpr, INTERP: tl.constexpr, SDIV: tl.constexpr):
-    """Static or per-group quantization of chunk c (needs nothing from the other chunks)."""
+                 WPRE: tl.constexpr, INTERP: tl.constexpr, SDIV: tl.constexpr, KEEP: tl.constexpr):
+    """Static or per-group quantization of chunk c (needs nothing from the other chunks).
+    Returns the chunk's group scales when KEEP (not stored here), else a placeholder."""
+    kept = s_static
     ya, yq = _normalize(h, rinv, rsq, w_ptr, wv, c, H, CH, CG, GS, INV, WST, WDT, CDT, ODT, FAST, MASKED, WPRE, INTERP)
     if KIND == 0:
         if APPLY == 0 and not FAST:
@@ -450,11 +433,12 @@ def _chunk_local(h, wv, c, rinv, rsq, w_ptr, rows, rmask3, M, q_ptr, orow, s_ptr
             _quant_store(yq, s_static, rs_static, q_ptr, orow, rmask3, c, H, CH, CG, GS, APPLY, False, False, CLO, CHI,
                          FAST, MASKED, INTERP)
     else:
-        _group_finish(ya, yq, c, rows, rmask3, M, q_ptr, orow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB, UB,
-                      HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST, MASKED, INTERP,
-                      SDIV)
+        kept = _group_finish(ya, yq, c, rows, rmask3, M, q_ptr, orow, s_ptr, G, COLMAJ, H, CH, CG, GS, SMD, HAS_UB,
+                             UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, UE8M0, APPLY, CLO, CHI, FAST,
+                             MASKED, INTERP, SDIV, True, KEEP)
     if RET_Y:
         _store_y(ya, y_ptr, orow, rmask3, c, H, CH, CG, GS, ODT, MASKED, INTERP)
+    return kept
 
 
 # ---------------------------------------------------------------------- launch
@@ -592,17 +576,20 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     if m == 0:
         return tuple(outs)
 
-    masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0)
+    seq = int(cfg.get("SEQ", 0))
+    masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0) or (seq > 0 and m % seq != 0)
     persist = bool(cfg.get("PERSIST")) and cfg["ROWS"] == 1
     grid = (triton.cdiv(m, cfg["ROWS"]),)
     if persist:  # PERSIST = programs per SM
         grid = (min(m, _num_sms(dev) * int(cfg["PERSIST"])),)
+    elif seq:
+        grid = (triton.cdiv(m, seq),)
     kw = _spec_kwargs(spec, hidden, weight is not None, scale.dtype if scale is not None else None, _interpreting())
     compiled = _rms_norm_quant_kernel[grid](
         x2, w, r2, sin, q, s_out, r_out, y_out,
         m, xs, rs,
         CH=cfg["CH"], NCH=cfg["NCH"], CG=cfg["CG"], GS=cfg["GS"], ROWS=cfg["ROWS"], MASKED=masked, PERSIST=persist,
-        WPRE=bool(cfg["WPRE"]), PIPE=cfg["PIPE"],
+        WPRE=bool(cfg["WPRE"]), PIPE=cfg["PIPE"], SEQ=seq,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw,
     )
     if info is not None:

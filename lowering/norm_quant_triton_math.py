@@ -523,12 +523,14 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
                   FLOOR_AMAX: tl.constexpr, FLOOR: tl.constexpr, CONST_DIV: tl.constexpr,
                   SCONST: tl.constexpr, RCONST: tl.constexpr, UE8M0: tl.constexpr, APPLY: tl.constexpr, CLO: tl.constexpr,
                   CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, INTERP: tl.constexpr,
-                  DIV: tl.constexpr = DIV_ANY, ST_HERE: tl.constexpr = True):
+                  DIV: tl.constexpr = DIV_ANY, ST_HERE: tl.constexpr = True, KEEP: tl.constexpr = False):
     """Per-group quantization of one chunk: the groups of a chunk are all inside it. DIV: how
     `_quant_store` divides by the group scales (DIV_NONNEG where the spec keeps them >= 0).
     ST_HERE: the scales are stored by `_store_scales` (else by tl.store, which converts them to
     a layout of its own: the act-quant kernel's tiles measured 2-3% faster that way at
-    T = 16384 on an H100, the norm-quant kernel's up to 5% slower; docs/kernels.md)."""
+    T = 16384 on an H100, the norm-quant kernel's up to 5% slower; docs/kernels.md).
+    KEEP (with ST_HERE): the scales are not stored but returned ([ROWS, CG]), for the caller
+    to store a block of rows' scales at once (the SEQ program shape)."""
     a = tl.reduce(tl.abs(ya), 2, _max_nan)  # [ROWS, CG]
     if ST_HERE:
         # scales computed on [ROWS, CG]: a [ROWS, CG, 1] tile repeats each value in every
@@ -543,13 +545,15 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
     _quant_store(yq, s3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP,
                  DIV)
     if ST_HERE:
-        gidx = c * CG + tl.arange(0, CG)[None, :]  # [1, CG]
-        r2 = rows[:, None].to(tl.int64)
-        if COLMAJ:
-            sp = s_ptr + gidx.to(tl.int64) * M + r2
-        else:
-            sp = s_ptr + r2 * G + gidx
-        _store_scales(sp, s, (rows < M)[:, None] & (gidx < G), INTERP)
+        if not KEEP:
+            gidx = c * CG + tl.arange(0, CG)[None, :]  # [1, CG]
+            r2 = rows[:, None].to(tl.int64)
+            if COLMAJ:
+                sp = s_ptr + gidx.to(tl.int64) * M + r2
+            else:
+                sp = s_ptr + r2 * G + gidx
+            _store_scales(sp, s, (rows < M)[:, None] & (gidx < G), INTERP)
+        kept = s
     else:
         gidx3 = c * CG + tl.arange(0, CG)[None, :, None]  # [1, CG, 1]
         r3 = rows[:, None, None].to(tl.int64)
@@ -561,3 +565,5 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
             tl.store(sp3, s3, mask=rmask & (gidx3 < G))
         else:
             tl.store(sp3, s3)
+        kept = s3
+    return kept

@@ -97,6 +97,11 @@ def test_sweep_shapes_and_their_plans():
             assert p["ROWS"] == cfg["ROWS"] and (p["PIPE"] == 0 or p["PERSIST"]), (fam, size, cfg)
     mid = {json.dumps(c, sort_keys=True) for c in shapes[0][5]}
     assert any('"PIPE": 3' in c and '"PERSIST": "fit"' in c for c in mid)
+    # programs of consecutive rows only where the group scales are column-major
+    col_mid = {json.dumps(c, sort_keys=True) for c in shapes[6][5]}
+    assert not any('"SEQ"' in c for c in mid) and mid < col_mid
+    assert {c for c in col_mid - mid} == {json.dumps(dict(c, ROWS=1), sort_keys=True) for c in bnq.SWEEP_MID_COL}
+    assert all('"SEQ"' not in json.dumps(c) for c in shapes[10][5])  # small size class
 
 
 def test_sweep_compile_workers_argument_and_jobs():
@@ -118,6 +123,8 @@ def test_table_row_shows_persistent_plans_and_their_fit(capsys):
                plan=dict(CH=1024, NCH=8, ROWS=1, num_warps=4, n_regs=168, n_spills=0, PERSIST=8, fit=3, PIPE=0,
                          WPRE=1))
     bnq._print_table([row, dict(row, plan=dict(row["plan"], PERSIST=2, fit=2, PIPE=3, WPRE=0))])
+    bnq._print_table([dict(row, plan=dict(row["plan"], PERSIST=0, SEQ=8, WPRE=1))])
     out = capsys.readouterr().out.splitlines()
-    assert out[-2].endswith("CH1024x8 R1 w4 regs168 spill0 persist8(fit 3) wpre")
-    assert out[-1].endswith("persist2(fit 2) pipe3")
+    assert out[-5].endswith("CH1024x8 R1 w4 regs168 spill0 persist8(fit 3) wpre")
+    assert out[-4].endswith("persist2(fit 2) pipe3")
+    assert out[-1].endswith("CH1024x8 R1 w4 regs168 spill0 seq8 wpre")

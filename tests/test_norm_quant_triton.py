@@ -244,6 +244,23 @@ def _interp_worker() -> dict:
             if errs:
                 failures[f"persist:wpre{wpre}:pipe{pipe}:{name}@{shape}"] = errs
 
+    # SEQ programs: consecutive rows in turn, the next one prefetched; column-major group
+    # scales kept and stored once per program. Token counts that leave the last program
+    # short (9 rows in programs of 4) and that fill it (16 in 8)
+    for name, spec in spec_matrix(full=False):
+        if name not in _CORE and name not in ("g128_col-none", "g128_col-input_dtype", "g64_col_ue8m0-none",
+                                              "token-ret", "gemma-g128-ret"):
+            continue
+        for shape, wpre, seq in (((9, 256), 0, 4), ((16, 384), 1, 8), ((7, 2, 64), 0, 2), ((5, 128), 1, 8)):
+            if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
+                continue
+            x, w, r, s = grid_inputs(spec, shape)
+            tuning = {"SEQ": seq, "ROWS": 1, "WPRE": wpre, "CH": 128}
+            errs = mismatches(launch(spec, x, w, r, s, tuning=tuning), reference_cr(spec, x, w, r, s))
+            count += 1
+            if errs:
+                failures[f"seq{seq}:wpre{wpre}:{name}@{shape}"] = errs
+
     # inf, NaN and out-of-range rows: the kernels' exact division takes its general form for
     # them (its short form for the other rows of the same launch, _div_ok)
     for name, spec in spec_matrix(full=False):
@@ -590,7 +607,10 @@ _PLANS = ({"PERSIST": 2, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
           # software-pipelined persistent loops: rows in flight through shared memory
           {"PERSIST": 2, "PIPE": 3, "ROWS": 1, "CH": 1024, "num_warps": 4},
           {"PERSIST": 1, "PIPE": 4, "ROWS": 1, "CH": 2048, "num_warps": 8},
-          {"PERSIST": 2, "PIPE": 2, "WPRE": 1, "ROWS": 1, "CH": 512, "num_warps": 4})
+          {"PERSIST": 2, "PIPE": 2, "WPRE": 1, "ROWS": 1, "CH": 512, "num_warps": 4},
+          # programs of SEQ consecutive rows (column-major group scales stored per program)
+          {"SEQ": 8, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4},
+          {"SEQ": 16, "ROWS": 1, "CH": 1024, "num_warps": 4})
 
 
 @gpu
@@ -598,7 +618,7 @@ _PLANS = ({"PERSIST": 2, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
 def test_gpu_prefill_sizes_and_plans_bitwise(name, spec):
     """The shipped plans at the benchmark's T = 4096 / 16384 shapes, and persistent plans that
     hold the weight in registers across rows (PERSIST with WPRE) or are software-pipelined
-    (PIPE), tokens not a multiple of the programs."""
+    (PIPE), programs of SEQ consecutive rows, tokens not a multiple of the programs."""
     launch = _gpu_launch()
     fails = {}
     for T, H in ((4096, 4096), (4099, 5120), (4096, 7168), (4096, 8192), (16384, 8192)):

@@ -113,6 +113,18 @@ def test_pipeline_depth_from_the_table_and_its_limits(tuning_table):
         nqt.plan(_spec(), 4096, {"PERSIST": 2, "ROWS": 4, "PIPE": 3}, m=4096)
 
 
+def test_programs_of_consecutive_rows_and_their_limits():
+    from fusewright.lowering.norm_quant_spec import SpecError
+
+    col = _spec("fp8_per_group", group_size=64, col_major=True, apply="div", floor=1e-10)
+    p = nqt.plan(col, 4096, {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, m=4096)
+    assert (p["SEQ"], p["PERSIST"], p["PIPE"], p["ROWS"]) == (8, 0, 0, 1)
+    assert nqt.plan(col, 4096, {"CH": 2048}, m=4096)["SEQ"] == 0
+    for bad in ({"SEQ": 6}, {"SEQ": 1}, {"SEQ": 128}, {"SEQ": 8, "ROWS": 2}, {"SEQ": 8, "PERSIST": 4}):
+        with pytest.raises(SpecError, match=r"SEQ=\d+: programs of SEQ consecutive rows take a power of two"):
+            nqt.plan(col, 4096, bad, m=4096)
+
+
 def test_a_given_plan_replaces_the_table_entry(tuning_table):
     """A sweep's plan is timed as named: the shipped entry's persistent loop, weight prefetch
     and pipeline do not leak into a plan that leaves them out (session 9's sweep timed several

@@ -257,9 +257,20 @@ SWEEP_MID = SWEEP_LARGE + [
     # software-pipelined persistent loops (PIPE stages: PIPE - 1 rows in flight through shared
     # memory per program), as many programs per SM as fit ("fit": resolved per shape from the
     # compiled kernel's registers and shared memory). Session 7 timed 8 such plans per shape:
-    # all lost, by 1-14% (docs/benchmarks.md); the two best stay so a sweep keeps checking
+    # all lost, by 1-14% (docs/benchmarks.md); the two best stayed, and the first has won at
+    # H = 7168 for group64_col since session 9 and for group128 since session 11
     {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
     {"CH": 2048, "num_warps": 8, "PERSIST": "fit", "PIPE": 3, "WPRE": 1},
+]
+# Column-major group scales: programs of SEQ consecutive rows, which store each group's
+# scales of their rows as one SEQ * 4-byte piece (session 11: group 64 runs 5-11 points
+# slower with column-major scales than with row-major ones at T = 4096). Registers: SEQ
+# scales per chunk are held on top of the prefetched row (127 per thread for CH 2048 with
+# 4 warps at H = 4096, 243 for CH 1024 at 7168; sm_90, triton 3.6), so wider programs too
+SWEEP_MID_COL = [
+    {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 4, "WPRE": 1},
+    {"CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}, {"CH": 4096, "num_warps": 8, "SEQ": 8},
+    {"CH": 1024, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 16, "WPRE": 1},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
@@ -272,6 +283,8 @@ def sweep_shapes(families: list[str], sizes: tuple[str, ...], hidden: list[int] 
     for fam in families:
         for size in sizes:
             T, cfgs = SWEEP_AT[size]
+            if size == "mid" and "+col" in fam:
+                cfgs = cfgs + SWEEP_MID_COL
             for H in hidden or (SWEEP_SMALL_H if size == "small" else SWEEP_H[fam]):
                 yield fam, SWEEP_FAMILIES[fam], size, T, H, [{"ROWS": 1, **c} for c in cfgs]
 
@@ -401,7 +414,11 @@ def _print_table(rows: list[dict]) -> None:
         ptxt = f"CH{p.get('CH')}x{p.get('NCH')} R{p.get('ROWS')} w{p.get('num_warps')} regs{p.get('n_regs')} spill{p.get('n_spills')}"
         if p.get("PERSIST"):
             ptxt += f" persist{p['PERSIST']}" + (f"(fit {p['fit']})" if "fit" in p else "") + \
-                (f" pipe{p['PIPE']}" if p.get("PIPE") else "") + (" wpre" if p.get("WPRE") else "")
+                (f" pipe{p['PIPE']}" if p.get("PIPE") else "")
+        if p.get("SEQ"):
+            ptxt += f" seq{p['SEQ']}"
+        if p.get("WPRE"):
+            ptxt += " wpre"
         print(f"{r['variant']:20s} {r['T']:6d} {r['H']:5d} {r['triton_us']:10.2f} {r['triton_pct_of_limit']:6.1f} "
               f"{r.get('triton_pct_of_same_bytes_copy', float('nan')):6.1f} "
               f"{r.get('inductor_us', float('nan')):12.2f} {r.get('inductor_pct_of_limit', float('nan')):6.1f} "
