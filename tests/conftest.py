@@ -1,7 +1,12 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# helper modules of tests/ (norm_quant_kernel_helpers) import by name: the tests run with
+# --import-mode=importlib, which puts no test directory on sys.path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_collection_modifyitems(config, items):
