@@ -210,14 +210,8 @@ def _process(
     rinv = rinv[:, None, None]
     rsq = rsq[:, None, None]
 
-    k0 = rinv  # the chunks' kept group scales (KEEP); placeholders otherwise
-    k1 = k0
-    k2 = k0
-    k3 = k0
-    k4 = k0
-    k5 = k0
-    k6 = k0
-    k7 = k0
+    # the chunks' kept group scales (KEEP); placeholders otherwise
+    k0, k1, k2, k3, k4, k5, k6, k7 = rinv, rinv, rinv, rinv, rinv, rinv, rinv, rinv
     # ---- pass 2: normalise; per group / static quantize chunk by chunk, per token
     # keeps the normalised chunks until the row amax is known
     if KIND == 1 or KIND == 3:

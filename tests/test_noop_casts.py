@@ -8,30 +8,16 @@ Inductor compiles are in test_noop_casts_inductor.py.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.fx as fx
 
+import noop_casts_helpers as H  # tests/, on sys.path by tests/conftest.py
 
-def _helpers():
-    if "noop_casts_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("noop_casts_helpers", Path(__file__).with_name("noop_casts_helpers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["noop_casts_helpers"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["noop_casts_helpers"]
-
-
-H = _helpers()
-
-from fusewright.passes.graph_utils import is_op  # noqa: E402
-from fusewright.passes.noop_casts import PASS  # noqa: E402
-from fusewright.passes.registry import builtin_passes  # noqa: E402
-from fusewright.patterns import casts  # noqa: E402
+from fusewright.passes.graph_utils import is_op
+from fusewright.passes.noop_casts import PASS
+from fusewright.passes.registry import builtin_passes
+from fusewright.patterns import casts
 
 aten, prims = torch.ops.aten, torch.ops.prims
 bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64

@@ -14,10 +14,6 @@ canonicalise a NaN's payload, so the unrewritten graph is the one that changes b
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -25,17 +21,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-
-def _helpers():
-    if "noop_casts_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("noop_casts_helpers", Path(__file__).with_name("noop_casts_helpers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["noop_casts_helpers"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["noop_casts_helpers"]
-
-
-H = _helpers()
+import noop_casts_helpers as H  # noqa: E402  # tests/, on sys.path by tests/conftest.py
 
 from fusewright.patterns.casts import (UseKind, as_cast, classify_use, holds_exactly,  # noqa: E402
                                     is_layout_op, match_round_trip)  # noqa: E402
