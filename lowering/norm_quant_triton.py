@@ -342,8 +342,11 @@ def _rms_norm_quant_kernel(
     elif SEQ > 0:
         BATCH: tl.constexpr = KIND == 2 and COLMAJ
         base = pid * SEQ
-        end = tl.minimum(M, base + SEQ)  # the prefetch past the program's last row is masked off
-        rows = base + tl.arange(0, 1)
+        end = tl.minimum(M, base + SEQ)
+        # each program starts its block at its own offset (rows base + (i + rot) % SEQ):
+        # otherwise the rows read at one time are SEQ rows apart, a power-of-two stride
+        rot = pid % SEQ
+        rows = base + rot + tl.arange(0, 1)
         x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
             x_ptr, r_ptr, rows, end, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
         w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
@@ -351,9 +354,11 @@ def _rms_norm_quant_kernel(
         a0 = tl.zeros([SEQ, CG], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         for i in range(SEQ):
-            nrows = rows + 1
+            nrows = base + (i + 1 + rot) % SEQ + tl.arange(0, 1)
+            # the last turn's prefetch (the block's first row again) is masked off
+            nend = tl.where(i + 1 < SEQ, end, 0)
             nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7, nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7 = _ld_rows(
-                x_ptr, r_ptr, nrows, end, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+                x_ptr, r_ptr, nrows, nend, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
             k0, k1, k2, k3, k4, k5, k6, k7 = _process(
                 rows, x0, x1, x2, x3, x4, x5, x6, x7,
                 r0, r1, r2, r3, r4, r5, r6, r7,
@@ -362,7 +367,7 @@ def _rms_norm_quant_kernel(
                 H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, BATCH)
             if BATCH:
                 a0, a1, a2, a3, a4, a5, a6, a7 = _keep_scales(a0, a1, a2, a3, a4, a5, a6, a7, k0, k1, k2, k3, k4, k5,
-                                                              k6, k7, i, NCH, SEQ)
+                                                              k6, k7, (i + rot) % SEQ, NCH, SEQ)
             x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
             r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
             rows = nrows
