@@ -62,6 +62,38 @@ def test_write_choice_merges_a_bench_run_into_an_existing_table(tmp_path):
     assert rows[("group128", 4096)]["family"] == "group128"
 
 
+def test_sweep_writes_into_an_existing_table_and_keeps_what_it_did_not_measure(tmp_path, monkeypatch):
+    """A sweep merges its winners into the table it is given: other entries, the table's
+    "about" and earlier runs' keys stay (session 12's first sweep replaced the shipped
+    "about" with the generic one and dropped "environment_session2")."""
+    import json
+
+    def fake_bench_one(timer, bw, name, spec, T, H, cfg, inductor=True):  # CH 2048 wins everywhere
+        return dict(variant=name, T=T, H=H, timer="l2_flushed", triton_us=10.0 if cfg.get("CH") == 2048 else 20.0,
+                    triton_pct_of_limit=50.0, plan=dict(cfg))
+
+    monkeypatch.setattr(bnq, "bench_one", fake_bench_one)
+    monkeypatch.setattr(bnq, "programs_that_fit", lambda spec, T, H, cfg: 3)
+    path = tmp_path / "tuning.json"
+    kept = {"CH": 512, "num_warps": 2, "ROWS": 1, "source": "earlier"}
+    path.write_text(json.dumps({"about": "the shipped table", "environment_session2": {"date": "old"},
+                                "environment": {"date": "older"}, "configs": {"token/4096/large": kept}}))
+    env = {"date": "now", "l2_flush": "read"}
+    bnq.sweep(None, 1.0, ["local+col"], str(path), env, hidden=[4096], sizes=("mid",))
+    doc = json.loads(path.read_text())
+    assert doc["about"] == "the shipped table" and doc["environment_session2"] == {"date": "old"}
+    assert doc["environment"] == env
+    assert doc["configs"]["token/4096/large"] == kept
+    won = doc["configs"]["local+col/4096/mid"]
+    assert won["CH"] == 2048 and won["us"] == 10.0 and won["run"] == "now" and won["measured_at"] == "T=4096"
+    # a new table gets the generic description; a file that is not a table is named
+    bnq.sweep(None, 1.0, ["local+col"], str(tmp_path / "new.json"), env, hidden=[4096], sizes=("mid",))
+    assert "--sweep" in json.loads((tmp_path / "new.json").read_text())["about"]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: not a tuning table"):
+        bnq.sweep(None, 1.0, ["local+col"], str(tmp_path / "bad.json"), env, hidden=[4096], sizes=("mid",))
+
+
 def test_flush_l2_reads_or_writes_and_names_bad_modes():
     import torch
 

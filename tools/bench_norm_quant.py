@@ -271,6 +271,8 @@ SWEEP_MID_COL = [
     {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 4, "WPRE": 1},
     {"CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}, {"CH": 4096, "num_warps": 8, "SEQ": 8},
     {"CH": 1024, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 16, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "SEQ": 4, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 8},
+    {"CH": 2048, "num_warps": 8, "SEQ": 16, "WPRE": 1},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
@@ -340,13 +342,8 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
     if compile_workers > 0:
         precompile(shapes, compile_workers)
     rows = []
-    table = {}
-    if out_path:
-        try:
-            with open(out_path) as f:
-                table = json.load(f).get("configs", {})
-        except FileNotFoundError:
-            pass
+    doc = _read_tuning(out_path) if out_path else {}
+    table = doc.setdefault("configs", {})
 
     def best_of(fam, name, T, H, cfgs):
         best = None
@@ -373,11 +370,25 @@ def sweep(timer: Timer, bw: float, families: list[str], out_path: str | None, en
                 table[f"{fam}/{H}/{size}"] = dict(best[1], us=best[0], measured_at=f"T={T}",
                                                   run=env.get("date"), l2_flush=env.get("l2_flush"))
         if out_path:  # written after each family, so a cut-off sweep still leaves a table
+            doc["environment"] = env
             with open(out_path, "w") as f:
-                json.dump({"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
-                                    "keys: family/hidden/size (lowering/norm_quant_triton.tuning_key)",
-                           "environment": env, "configs": table}, f, indent=1, sort_keys=True)
+                json.dump(doc, f, indent=1, sort_keys=True)
     return rows
+
+
+def _read_tuning(path: str) -> dict:
+    """The tuning table a sweep writes into: the existing one, whose other keys (its "about",
+    earlier runs' environments) and entries it keeps, or a new one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {"about": "tile plans measured by `fusewright bench norm-quant --sweep`; "
+                         "keys: family/hidden/size (lowering/norm_quant_triton.tuning_key)"}
+    if not isinstance(doc, dict) or not isinstance(doc.get("configs", {}), dict):
+        raise ValueError(f"{path}: not a tuning table (a JSON object whose 'configs' maps family/hidden/size "
+                         "keys to plans)")
+    return doc
 
 
 def _resident(info: dict) -> int:
