@@ -137,6 +137,32 @@ def _ue8m0_f32(s):
     return tl.where(s != s, s, tl.where(s == float("inf"), s, r))
 
 
+# _UE8M0_M's bytes j = 0..3 and 4..7 as two 32-bit words (64-bit shifts take several instructions)
+_UE8M0_LO = tl.constexpr(0x02010000)
+_UE8M0_HI = tl.constexpr(0x2C160B05)
+# scales at least this large are normal f32 after the rounding of a division (2^-124)
+_NORMAL_SCALE_MIN = tl.constexpr(2.0 ** -124)
+
+
+@triton.jit
+def _ue8m0_f32_normal(s):
+    """`_ue8m0_f32` of s >= 2^-126 (or +inf, NaN), which a scale floor guarantees: no subnormal
+    input or result, no zero. Half the instructions, and a group's scale is computed by every
+    thread that holds part of the group: on an H100 the T = 4096 group kernels issue-bound at
+    16 warps per SM ran ~13% longer with ue8m0 than without (docs/benchmarks.md, session 12)."""
+    bits = s.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = bits & 0x7FFFFF
+    ae = tl.abs(e)
+    fl = _floor_log2_int(tl.maximum(ae, 1).to(tl.float32))
+    j = tl.where(e > 0, fl, tl.where((ae & (ae - 1)) == 0, fl - 1, fl))
+    word = tl.where(j < 4, _UE8M0_LO, _UE8M0_HI)
+    mmax = tl.where(j >= 0, (word >> (8 * (j & 3))) & 0xFF, 0)
+    n = tl.where(m > mmax, e + 1, e)
+    # n in [-126, 128]: the normal pattern, and 128 gives the inf pattern (s = inf)
+    return tl.where(s != s, s, ((n + 127) << 23).to(tl.float32, bitcast=True))
+
+
 @triton.jit
 def _ceil(x, INTERP: tl.constexpr):
     if INTERP:
@@ -402,8 +428,14 @@ def _scale_from_amax(a, SMD: tl.constexpr, HAS_UB: tl.constexpr, UB: tl.constexp
             s = tl.maximum(s, _c32(FLOOR), propagate_nan=tl.PropagateNan.ALL)
         if UE8M0 and SMD == 0:
             # 2^ceil(log2 s) with log2 rounded to f32, without the f64 log2 (as costly as
-            # the rest of a group's math at T = 16384)
-            s = _ue8m0_f32(s)
+            # the rest of a group's math at T = 16384); the short form where the floor keeps
+            # every scale normal
+            if HAS_FLOOR and not CONST_DIV and FLOOR_AMAX and FLOOR >= _NORMAL_SCALE_MIN * SCONST:
+                s = _ue8m0_f32_normal(s)
+            elif HAS_FLOOR and not FLOOR_AMAX and FLOOR >= _NORMAL_SCALE_MIN:
+                s = _ue8m0_f32_normal(s)
+            else:
+                s = _ue8m0_f32(s)
         elif UE8M0:
             # log2 rounded to f32 (computed in f64, rounded once), then to the math dtype;
             # ceil and exp2 of an integer are exact

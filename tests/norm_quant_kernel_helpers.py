@@ -48,6 +48,8 @@ def spec_matrix(full: bool = False) -> list[tuple[str, NormQuantSpec]]:
         "token": _q("token"), "token_div": _q("token_div"),
         "g128": _q("g128"), "g64": _q("g64"), "g128_col": _q("g128", col_major=True),
         "g64_col_ue8m0": _q("g64", col_major=True, ue8m0=True), "g128_ue8m0": _q("g128", ue8m0=True),
+        # no floor: zero and subnormal scales, the general form of the ue8m0 rule
+        "g128_ue8m0_nofloor": _q("g128", ue8m0=True, floor=None),
         "int8": _q("int8"), "int8_div": _q("int8_div"),
     }
     for qn, q in quants.items():

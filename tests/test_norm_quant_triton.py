@@ -29,7 +29,7 @@ import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
 from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
-                                                         _exp2_int, _ue8m0_f32)
+                                                         _exp2_int, _ue8m0_f32, _ue8m0_f32_normal)
 
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec
 
@@ -231,8 +231,25 @@ def _interp_worker() -> dict:
         got[i:i + 8192] = out
     want = torch.exp2(torch.ceil(torch.log2(sv.double()).float()).double()).float()
     ue_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
+    # its short form on the same values, where they are normal, inf or NaN (a floored scale)
+    @triton.jit
+    def _ue8m0_normal(s_ptr, o_ptr, N, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(o_ptr + o, _ue8m0_f32_normal(tl.load(s_ptr + o, mask=m)), mask=m)
+
+    normal = bits >= 0x00800000
+    sn, wn = sv[normal].contiguous(), want[normal]
+    gn = torch.empty_like(sn)
+    for i in range(0, sn.numel(), 8192):
+        chunk = sn[i:i + 8192].contiguous()
+        out = torch.empty_like(chunk)
+        _ue8m0_normal[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
+        gn[i:i + 8192] = out
+    ue_normal_bad = int((~((gn == wn) | (gn.isnan() & wn.isnan()))).sum())
     return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad, "div": div,
-            "ue8m0_mismatch": ue_bad, "ue8m0_cases": sv.numel()}
+            "ue8m0_mismatch": ue_bad, "ue8m0_cases": sv.numel(), "ue8m0_normal_mismatch": ue_normal_bad,
+            "ue8m0_normal_cases": sn.numel()}
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +291,10 @@ def test_interpreter_exp2_of_integers_is_exact(interp_result):
 def test_interpreter_ue8m0_integer_rule_matches_f64_log2(interp_result):
     assert interp_result["ue8m0_cases"] > 25000
     assert interp_result["ue8m0_mismatch"] == 0
+    # the short form for scales a floor keeps normal (checked for every normal f32 too,
+    # docs/kernels.md)
+    assert interp_result["ue8m0_normal_cases"] > 20000
+    assert interp_result["ue8m0_normal_mismatch"] == 0
 
 
 def test_interpreter_raw_conversions_are_not_rne(interp_result):
