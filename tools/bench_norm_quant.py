@@ -266,7 +266,8 @@ SWEEP_MID = SWEEP_LARGE + [
 # scales of their rows as one SEQ * 4-byte piece (session 11: group 64 runs 5-11 points
 # slower with column-major scales than with row-major ones at T = 4096). Registers: SEQ
 # scales per chunk are held on top of the prefetched row (127 per thread for CH 2048 with
-# 4 warps at H = 4096, 243 for CH 1024 at 7168; sm_90, triton 3.6), so wider programs too
+# 4 warps at H = 4096, 243 for CH 1024 at 7168; sm_90, triton 3.6), so wider programs too.
+# Session 12: SEQ 8 won at H = 4096 and 8192; SEQ with a pipelined loop lost everywhere
 SWEEP_MID_COL = [
     {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 4, "WPRE": 1},
     {"CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}, {"CH": 4096, "num_warps": 8, "SEQ": 8},
