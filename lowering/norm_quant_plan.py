@@ -116,8 +116,9 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
     count NCH (<= 8), group tile GS x CG, rows per program, warps, and for persistent programs
     (PERSIST per SM) the weight prefetch WPRE and the pipeline depth PIPE (0: the next row
     prefetched into registers; S >= 2: a compiler-pipelined loop, S - 1 rows in flight in
-    shared memory), or SEQ: one program per SEQ consecutive rows, processed in turn (for
-    column-major group scales, stored once per program). Sources, later ones win:
+    shared memory), or SEQ: runs of SEQ consecutive rows, processed in turn, one program per
+    run or (with PERSIST) PERSIST programs per SM looping over runs (for column-major group
+    scales, stored once per run). Sources, later ones win:
     the heuristic below, then either the measured table (norm_quant_tuning.json, or the file
     named by $FUSEWRIGHT_NQ_TUNING) or `tuning` (benchmarks, tests). `tuning` replaces the
     table's entry rather than updating it: a plan timed by a sweep must be the plan it names,
@@ -159,9 +160,9 @@ def plan(spec: NormQuantSpec, hidden: int, tuning: dict | None = None, m: int | 
         raise SpecError(f"PIPE={pipe} pipelines the persistent loop: it needs PERSIST >= 1 and ROWS = 1 "
                         f"(got PERSIST={t.get('PERSIST', 0)}, ROWS={rows})")
     seq = int(t.get("SEQ", 0))
-    if seq and (seq & (seq - 1) or not 2 <= seq <= 64 or rows != 1 or persist):
+    if seq and (seq & (seq - 1) or not 2 <= seq <= 64 or rows != 1 or pipe):
         raise SpecError(f"SEQ={seq}: programs of SEQ consecutive rows take a power of two in [2, 64], ROWS = 1 "
-                        f"and no PERSIST (got ROWS={rows}, PERSIST={t.get('PERSIST', 0)})")
+                        f"and no PIPE (got ROWS={rows}, PIPE={pipe})")
     return dict(CH=ch, NCH=nch, GS=gs_tile, CG=ch // gs_tile, ROWS=rows, num_warps=warps,
                 num_stages=t.get("num_stages", 1), PERSIST=persist, WPRE=int(bool(wpre)), PIPE=pipe, SEQ=seq)
 

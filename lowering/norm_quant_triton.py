@@ -317,11 +317,12 @@ def _rms_norm_quant_kernel(
       the loads of the next S - 1 rows are issued as asynchronous copies into shared memory,
       so a program keeps rows in flight without holding them in registers;
 
-    or (SEQ > 0) one program per SEQ consecutive rows, processed one after another with the
-    next row prefetched into registers as in the first form. Column-major group scales are
-    then kept in registers and stored once per program: SEQ consecutive tokens of a group are
-    contiguous, so each group's scales go out as one SEQ * 4-byte store instead of SEQ
-    4-byte stores into sectors that other programs complete."""
+    or (SEQ > 0) runs of SEQ consecutive rows, processed one after another with the next row
+    prefetched into registers as in the first form: one program per run, or (PERSIST) a
+    persistent loop over runs. Column-major group scales are then kept in registers and
+    stored once per run: SEQ consecutive tokens of a group are contiguous, so each group's
+    scales go out as one SEQ * 4-byte store instead of SEQ 4-byte stores into sectors that
+    other programs complete."""
     pid = tl.program_id(0)
     # the register-prefetch loops' load of the row after the last one is masked off
     LDMASK: tl.constexpr = (PERSIST and PIPE == 0) or SEQ > 0 or MASKED
@@ -339,6 +340,39 @@ def _rms_norm_quant_kernel(
                      w0, w1, w2, w3, w4, w5, w6, w7,
                      w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
                      H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, False)
+    elif SEQ > 0 and PERSIST:
+        BATCH: tl.constexpr = KIND == 2 and COLMAJ
+        # persistent, over runs of SEQ rows: runs pid, pid + nprog, ... (the grid is at most
+        # one program per run), their rows in turn; the next row, in this run or the next,
+        # prefetched into registers. Column-major scales go out once per run.
+        nprog = tl.num_programs(0)
+        nk = tl.cdiv(tl.cdiv(M, SEQ) - pid, nprog) * SEQ
+        rows = pid * SEQ + tl.arange(0, 1)
+        x0, x1, x2, x3, x4, x5, x6, x7, r0, r1, r2, r3, r4, r5, r6, r7 = _ld_rows(
+            x_ptr, r_ptr, rows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _pre_ws(w_ptr, x0, H, CH, NCH, CG, GS, WST, WPRE, MASKED)
+        a0 = tl.zeros([SEQ, CG], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        for k in range(0, nk):
+            kn = k + 1
+            nrows = (pid + (kn // SEQ) * nprog) * SEQ + kn % SEQ + tl.arange(0, 1)  # past M: masked off
+            nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7, nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7 = _ld_rows(
+                x_ptr, r_ptr, nrows, M, x_stride, r_stride, H, CH, NCH, CG, GS, RES, LDMASK)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _process(
+                rows, x0, x1, x2, x3, x4, x5, x6, x7,
+                r0, r1, r2, r3, r4, r5, r6, r7,
+                w0, w1, w2, w3, w4, w5, w6, w7,
+                w_ptr, sin_ptr, q_ptr, s_ptr, ro_ptr, y_ptr, M, x_stride, r_stride,
+                H, CH, NCH, CG, GS, ROWS, MASKED, XDT, WDT, CDT, ODT, RES, WST, INV, EPS, KIND, G, COLMAJ, UE8M0, SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST, RH, APPLY, CLO, CHI, SIN_DT, RET_Y, FAST, INTERP, WPRE, SDIV, BATCH)
+            if BATCH:
+                a0, a1, a2, a3, a4, a5, a6, a7 = _keep_scales(a0, a1, a2, a3, a4, a5, a6, a7, k0, k1, k2, k3, k4, k5,
+                                                              k6, k7, k % SEQ, NCH, SEQ)
+                if k % SEQ == SEQ - 1:  # the run's last row: its scales out
+                    _store_scale_blocks(s_ptr, a0, a1, a2, a3, a4, a5, a6, a7, (pid + (k // SEQ) * nprog) * SEQ, M,
+                                        G, CG, NCH, SEQ)
+            x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
+            r0, r1, r2, r3, r4, r5, r6, r7 = nr0, nr1, nr2, nr3, nr4, nr5, nr6, nr7
+            rows = nrows
     elif SEQ > 0:
         BATCH: tl.constexpr = KIND == 2 and COLMAJ
         base = pid * SEQ
@@ -579,7 +613,9 @@ def launch(spec: NormQuantSpec, x: torch.Tensor, weight: torch.Tensor | None, re
     masked = (hidden % cfg["CH"] != 0) or (cfg["ROWS"] > 1 and m % cfg["ROWS"] != 0) or (seq > 0 and m % seq != 0)
     persist = bool(cfg.get("PERSIST")) and cfg["ROWS"] == 1
     grid = (triton.cdiv(m, cfg["ROWS"]),)
-    if persist:  # PERSIST = programs per SM
+    if persist and seq:  # PERSIST programs per SM over runs of SEQ rows
+        grid = (min(triton.cdiv(m, seq), _num_sms(dev) * int(cfg["PERSIST"])),)
+    elif persist:  # PERSIST = programs per SM
         grid = (min(m, _num_sms(dev) * int(cfg["PERSIST"])),)
     elif seq:
         grid = (triton.cdiv(m, seq),)

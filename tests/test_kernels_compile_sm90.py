@@ -38,6 +38,7 @@ _NQ_OTHER = (
     # programs of SEQ consecutive rows, column-major group scales stored once per program
     ("group64_col", 4096, 4096, {"ROWS": 1, "CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}),
     ("group64_col_ue8m0", 5120, 4099, {"ROWS": 1, "CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}),
+    ("group64_col", 7168, 4099, {"ROWS": 1, "CH": 1024, "num_warps": 4, "SEQ": 2, "PERSIST": 4, "WPRE": 1}),
 )
 
 

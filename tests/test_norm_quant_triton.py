@@ -81,20 +81,22 @@ def _interp_worker() -> dict:
 
     # SEQ programs: consecutive rows in turn, the next one prefetched; column-major group
     # scales kept and stored once per program. Token counts that leave the last program
-    # short (9 rows in programs of 4) and that fill it (16 in 8)
+    # short (9 rows in programs of 4) and that fill it (16 in 8); persistent, 4 programs
+    # looping over runs, the last one short (37 rows in runs of 2, 21 in runs of 4)
     for name, spec in spec_matrix(full=False):
         if name not in _CORE and name not in ("g128_col-none", "g128_col-input_dtype", "g64_col_ue8m0-none",
                                               "token-ret", "gemma-g128-ret"):
             continue
-        for shape, wpre, seq in (((9, 256), 0, 4), ((16, 384), 1, 8), ((7, 2, 64), 0, 2), ((5, 128), 1, 8)):
+        for shape, wpre, seq, persist in (((9, 256), 0, 4, 0), ((16, 384), 1, 8, 0), ((7, 2, 64), 0, 2, 0),
+                                          ((5, 128), 1, 8, 0), ((37, 256), 1, 2, 1), ((21, 128), 0, 4, 1)):
             if spec.quant.kind == "fp8_per_group" and shape[-1] % spec.quant.group_size:
                 continue
             x, w, r, s = grid_inputs(spec, shape)
-            tuning = {"SEQ": seq, "ROWS": 1, "WPRE": wpre, "CH": 128}
+            tuning = {"SEQ": seq, "ROWS": 1, "WPRE": wpre, "CH": 128, "PERSIST": persist}
             errs = mismatches(launch(spec, x, w, r, s, tuning=tuning), reference_cr(spec, x, w, r, s))
             count += 1
             if errs:
-                failures[f"seq{seq}:wpre{wpre}:{name}@{shape}"] = errs
+                failures[f"seq{seq}:persist{persist}:wpre{wpre}:{name}@{shape}"] = errs
 
     # inf, NaN and out-of-range rows: the kernels' exact division takes its general form for
     # them (its short form for the other rows of the same launch, _div_ok)

@@ -120,7 +120,10 @@ def test_programs_of_consecutive_rows_and_their_limits():
     p = nqt.plan(col, 4096, {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, m=4096)
     assert (p["SEQ"], p["PERSIST"], p["PIPE"], p["ROWS"]) == (8, 0, 0, 1)
     assert nqt.plan(col, 4096, {"CH": 2048}, m=4096)["SEQ"] == 0
-    for bad in ({"SEQ": 6}, {"SEQ": 1}, {"SEQ": 128}, {"SEQ": 8, "ROWS": 2}, {"SEQ": 8, "PERSIST": 4}):
+    # persistent programs looping over runs
+    p = nqt.plan(col, 4096, {"CH": 2048, "num_warps": 4, "SEQ": 4, "PERSIST": 4, "WPRE": 1}, m=4096)
+    assert (p["SEQ"], p["PERSIST"], p["PIPE"]) == (4, 4, 0)
+    for bad in ({"SEQ": 6}, {"SEQ": 1}, {"SEQ": 128}, {"SEQ": 8, "ROWS": 2}, {"SEQ": 8, "PERSIST": 4, "PIPE": 3}):
         with pytest.raises(SpecError, match=r"SEQ=\d+: programs of SEQ consecutive rows take a power of two"):
             nqt.plan(col, 4096, bad, m=4096)
 

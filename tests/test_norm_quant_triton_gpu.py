@@ -140,7 +140,8 @@ _PLANS = ({"PERSIST": 2, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
           {"PERSIST": 2, "PIPE": 2, "WPRE": 1, "ROWS": 1, "CH": 512, "num_warps": 4},
           # programs of SEQ consecutive rows (column-major group scales stored per program)
           {"SEQ": 8, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4},
-          {"SEQ": 16, "ROWS": 1, "CH": 1024, "num_warps": 4})
+          {"SEQ": 16, "ROWS": 1, "CH": 1024, "num_warps": 4},
+          {"SEQ": 4, "PERSIST": 4, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4})
 
 
 @gpu

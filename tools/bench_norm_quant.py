@@ -267,13 +267,17 @@ SWEEP_MID = SWEEP_LARGE + [
 # slower with column-major scales than with row-major ones at T = 4096). Registers: SEQ
 # scales per chunk are held on top of the prefetched row (127 per thread for CH 2048 with
 # 4 warps at H = 4096, 243 for CH 1024 at 7168; sm_90, triton 3.6), so wider programs too.
-# Session 12: SEQ 8 won at H = 4096 and 8192; SEQ with a pipelined loop lost everywhere
+# Session 12: SEQ 8 won at H = 4096 and 8192; SEQ with a pipelined loop lost everywhere, and
+# at 5120 and 7168 the persistent plans won, so persistent programs over short runs too
 SWEEP_MID_COL = [
     {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 4, "WPRE": 1},
     {"CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}, {"CH": 4096, "num_warps": 8, "SEQ": 8},
     {"CH": 1024, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 16, "WPRE": 1},
     {"CH": 1024, "num_warps": 4, "SEQ": 4, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 8},
     {"CH": 2048, "num_warps": 8, "SEQ": 16, "WPRE": 1},
+    {"CH": 2048, "num_warps": 4, "PERSIST": "fit", "SEQ": 2, "WPRE": 1},
+    {"CH": 2048, "num_warps": 4, "PERSIST": "fit", "SEQ": 4, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "SEQ": 2, "WPRE": 1},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
