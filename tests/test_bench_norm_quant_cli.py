@@ -66,8 +66,6 @@ def test_sweep_writes_into_an_existing_table_and_keeps_what_it_did_not_measure(t
     """A sweep merges its winners into the table it is given: other entries, the table's
     "about" and earlier runs' keys stay (session 12's first sweep replaced the shipped
     "about" with the generic one and dropped "environment_session2")."""
-    import json
-
     def fake_bench_one(timer, bw, name, spec, T, H, cfg, inductor=True):  # CH 2048 wins everywhere
         return dict(variant=name, T=T, H=H, timer="l2_flushed", triton_us=10.0 if cfg.get("CH") == 2048 else 20.0,
                     triton_pct_of_limit=50.0, plan=dict(cfg))
