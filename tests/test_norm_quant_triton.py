@@ -225,12 +225,17 @@ def _interp_worker() -> dict:
                       torch.randint(1, 0x7F800000, (20000,), generator=g),
                       torch.tensor([0, 0x7F800000, 0x7FC00000])])
     sv = bits.to(torch.int32).view(torch.float32).contiguous()
-    got = torch.empty_like(sv)
-    for i in range(0, sv.numel(), 8192):
-        chunk = sv[i:i + 8192].contiguous()
-        out = torch.empty_like(chunk)
-        _ue8m0[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
-        got[i:i + 8192] = out
+
+    def elementwise(kernel, vals):  # one program of 8192 lanes per piece
+        res = torch.empty_like(vals)
+        for i in range(0, vals.numel(), 8192):
+            chunk = vals[i:i + 8192].contiguous()
+            out = torch.empty_like(chunk)
+            kernel[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
+            res[i:i + 8192] = out
+        return res
+
+    got = elementwise(_ue8m0, sv)
     want = torch.exp2(torch.ceil(torch.log2(sv.double()).float()).double()).float()
     ue_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
     # its short form on the same values, where they are normal, inf or NaN (a floored scale)
@@ -242,12 +247,7 @@ def _interp_worker() -> dict:
 
     normal = bits >= 0x00800000
     sn, wn = sv[normal].contiguous(), want[normal]
-    gn = torch.empty_like(sn)
-    for i in range(0, sn.numel(), 8192):
-        chunk = sn[i:i + 8192].contiguous()
-        out = torch.empty_like(chunk)
-        _ue8m0_normal[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
-        gn[i:i + 8192] = out
+    gn = elementwise(_ue8m0_normal, sn)
     ue_normal_bad = int((~((gn == wn) | (gn.isnan() & wn.isnan()))).sum())
     return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad, "div": div,
             "ue8m0_mismatch": ue_bad, "ue8m0_cases": sv.numel(), "ue8m0_normal_mismatch": ue_normal_bad,
