@@ -50,8 +50,8 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
 from .norm_quant_triton_math import (
-    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _max_nan,
-    _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up, scale_division,
+    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _int8_rows_in_range,
+    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up, scale_division,
 )
 from .norm_quant_triton_rows import _keep_scales, _ld_rows, _pre_ws, _store_scale_blocks
 
@@ -107,31 +107,32 @@ def _token_chunk(h, wv, c: tl.constexpr, yk_dflt, am, rinv, rsq, w_ptr, y_ptr, o
 def _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H: tl.constexpr,
                   CH: tl.constexpr, NCH: tl.constexpr, CG: tl.constexpr, GS: tl.constexpr, APPLY: tl.constexpr,
                   UE8M0: tl.constexpr, INT8: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr,
-                  MASKED: tl.constexpr, INTERP: tl.constexpr, YS_DT: tl.constexpr, DIV: tl.constexpr):
+                  MASKED: tl.constexpr, INTERP: tl.constexpr, YS_DT: tl.constexpr, DIV: tl.constexpr,
+                  IN_RANGE: tl.constexpr = False):
     """Per-token kinds: quantize and store every kept chunk with the row's scale."""
     _quant_store(_up(yk0, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 0, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                 CHI, FAST, MASKED, INTERP, DIV)
+                 CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 1:
         _quant_store(_up(yk1, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 1, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 2:
         _quant_store(_up(yk2, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 2, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 3:
         _quant_store(_up(yk3, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 3, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 4:
         _quant_store(_up(yk4, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 4, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 5:
         _quant_store(_up(yk5, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 5, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 6:
         _quant_store(_up(yk6, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 6, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
     if NCH > 7:
         _quant_store(_up(yk7, YS_DT, INTERP), s3, rs3, q_ptr, orow, rmask3, 7, H, CH, CG, GS, APPLY, UE8M0, INT8, CLO,
-                     CHI, FAST, MASKED, INTERP, DIV)
+                     CHI, FAST, MASKED, INTERP, DIV, IN_RANGE)
 
 
 @triton.jit
@@ -250,6 +251,15 @@ def _process(
             if tl.min(_div_ok(am, s_row, rs_row).to(tl.int32), 0) == 1:
                 _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
                               GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, DIV_OK)
+            else:
+                _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV)
+        elif INT8:
+            # one test per program: rows with no element past the clamp and no NaN (all finite
+            # rows of the usual int8 specs) take the short conversion
+            if _int8_rows_in_range(am, s_row, rs_row, APPLY, CLO, CHI, FAST, SDIV):
+                _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
+                              GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV, True)
             else:
                 _token_stores(yk0, yk1, yk2, yk3, yk4, yk5, yk6, yk7, s3, rs3, q_ptr, orow, rmask3, H, CH, NCH, CG,
                               GS, APPLY, UE8M0, INT8, CLO, CHI, FAST, MASKED, INTERP, YS_DT, SDIV)

@@ -194,6 +194,36 @@ def _to_s8_rni_sat(t):
     return tl.inline_asm_elementwise(_S8X4_ASM, "=r,r,r,r,r", [t], dtype=tl.int8, is_pure=True, pack=4)
 
 
+# rint by the magic-number sum, for |t| < 2^22: RN(t + 1.5 * 2^23) = 1.5 * 2^23 + rint(t) (the
+# sum's unit in the last place is 1, ties to even), and as 1.5 * 2^23 = 0x4B400000 ends in a
+# zero byte, the sum's low byte is rint(t) as an int8 when |rint(t)| <= 127. `add.rn` is never
+# contracted with the multiply by the scale before it (a plain add was fused into an fma:
+# one rounding instead of the spec's two)
+_S8X4_INRANGE_ASM = tl.constexpr("""{
+    .reg .b32 r0, r1, r2, r3, lo, hi;
+    add.rn.f32 r0, $1, 0f4B400000;
+    add.rn.f32 r1, $2, 0f4B400000;
+    add.rn.f32 r2, $3, 0f4B400000;
+    add.rn.f32 r3, $4, 0f4B400000;
+    prmt.b32 lo, r0, r1, 0x0040;
+    prmt.b32 hi, r2, r3, 0x0040;
+    prmt.b32 $0, lo, hi, 0x5410;
+}""")
+_RINT_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _to_s8_rint_inrange(t, INTERP: tl.constexpr):
+    """f32 -> int8 for |t| < 127.5 (no NaN): round half to even, with two full-rate
+    operations per element instead of the saturating conversion, which sm_90 issues at a
+    quarter of the rate."""
+    if INTERP:
+        q = (t + _RINT_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
+    else:
+        q = tl.inline_asm_elementwise(_S8X4_INRANGE_ASM, "=r,r,r,r,r", [t], dtype=tl.int8, is_pure=True, pack=4)
+    return q
+
+
 @triton.jit
 def _to_fp8(t, INTERP: tl.constexpr):
     """f32 in [-448, 448] or NaN -> float8_e4m3fn, round to nearest even."""
@@ -272,10 +302,11 @@ def _div_exact_nonneg(a, b, rb):
 
 @triton.jit
 def _div_exact_ok(a, b, rb):
-    """`_div_exact_nonneg` without its NaN select, for divisors `_div_ok` accepted (positive,
-    q1 then always finite): three floating-point operations per element. The per-token
-    kernel divides each element by the row's scale; the general form costs ~6 SASS
-    instructions per element more (sm_90, triton 3.6; docs/kernels.md)."""
+    """`_div_exact_nonneg` without its NaN select, where q1 is NaN only with q0: divisors
+    `_div_ok` accepted (positive, q1 then always finite; the per-token rows) and the group
+    scales of DIV_FINITE specs (`_finite_group_division`). Three floating-point operations
+    per element; the general form costs ~6 SASS instructions per element more (sm_90,
+    triton 3.6; docs/kernels.md)."""
     q0 = a * rb
     rn = tl.fma(q0, b, _neg(a))
     return tl.fma(_neg(rn), rb, q0)
@@ -454,10 +485,43 @@ _INT8_HI = tl.constexpr(127.0)
 DIV_ANY = tl.constexpr(0)
 DIV_NONNEG = tl.constexpr(1)
 DIV_OK = tl.constexpr(2)
+# per-group scales of a spec whose every finite scale `_div_exact_ok` divides by exactly
+# (`_finite_group_division`): `_group_finish` divides with it, an infinite scale replaced by 0
+DIV_FINITE = tl.constexpr(3)
+# the smallest floor (on the scale, or on the amax over the scale constant) DIV_FINITE takes:
+# two binades above the least normal f32, so RN(1/s) is finite and the scale bf16 rounding
+# (scale math in bf16) keeps it normal
+_FINITE_FLOOR_MIN = 2.0 ** -124
+_FINITE_CONST_MAX = 2.0 ** 64
+
+
+def _finite_group_division(quant) -> bool:
+    """True where, for every group whose amax is finite, `_div_exact_ok` (three operations
+    per element) is bitwise `_div_exact_nonneg` (five: it selects q0 where q1 is NaN).
+
+    Those two differ only where q1 = fma(-rn, rb, q0) is NaN and q0 = RN(a * rb) is not. For a
+    group with a finite amax, the floor keeps s >= 2^-124 (so rb = RN(1/s) is finite and
+    positive) and, without an amax bound, s >= RN(amax / c) (c the scale constant, <= 2^64;
+    one more rounding with bf16 scale math), so amax * rb <= c * (1 + 2^-7): q0 is finite for
+    every |a| <= amax, and so are rn = fma(q0, s, -a) (about 0) and q1. The other groups:
+    an amax of NaN makes s and rb NaN, so q0 is NaN in both; an amax of +inf makes s = +inf and
+    rb = 0, where `_div_exact_nonneg` returns q0 = +-0 (a finite) or NaN (a = +-inf), and
+    `_div_exact_ok` with the divisor 0 in place of s returns the same: rn = -a, q1 = a * 0 + q0
+    (zeros of one sign). Exact mode only: a is the group's own value (|a| <= amax)."""
+    if quant.kind != "fp8_per_group" or quant.apply != "div" or quant.ue8m0:
+        return False
+    if quant.scale_form != "amax_div" or quant.amax_ub is not None or quant.floor is None:
+        return False
+    c = quant.scale_const
+    if not (0.0 < c <= _FINITE_CONST_MAX):
+        return False
+    least = quant.floor / c if quant.floor_on == "amax" else quant.floor
+    return least >= _FINITE_FLOOR_MIN
 
 
 def scale_division(quant) -> int:
-    """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): with
+    """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): per-group
+    scales `_finite_group_division` accepts with `_div_exact_ok` (DIV_FINITE), else with
     `_div_exact_nonneg` (DIV_NONNEG) where no scale can be negative, else `_div_exact`.
 
     A scale comes from an amax >= 0 (or NaN, inf); only a negative amax bound or scale
@@ -465,20 +529,20 @@ def scale_division(quant) -> int:
     NaN, which either division handles). Static scales are tested at run time instead."""
     if not quant.dynamic:
         return int(DIV_ANY)
+    nonneg = int(DIV_FINITE) if _finite_group_division(quant) else int(DIV_NONNEG)
     floor_ok = quant.floor is not None and quant.floor >= 0
     if floor_ok and quant.floor_on == "scale":
-        return int(DIV_NONNEG)
+        return nonneg
     amax_ok = quant.amax_ub is None or quant.amax_ub >= 0 or (floor_ok and quant.floor_on == "amax")
     const_ok = math.copysign(1.0, quant.scale_const) > 0  # a / -0.0 is -inf
-    return int(DIV_NONNEG) if amax_ok and const_ok else int(DIV_ANY)
+    return nonneg if amax_ok and const_ok else int(DIV_ANY)
 
 
 @triton.jit
-def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
-                 GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
-                 CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                 INTERP: tl.constexpr, DIV: tl.constexpr = DIV_ANY):
-    """Quantize chunk c (scale s, its reciprocal rs) and store it; DIV picks the exact division."""
+def _apply_scale(yq, s, rs, APPLY: tl.constexpr, UE8M0: tl.constexpr, FAST: tl.constexpr,
+                 DIV: tl.constexpr = DIV_ANY):
+    """yq scaled as the spec says (s the scale, rs its reciprocal); DIV picks the exact division.
+    Each form rounds once (or is the correctly rounded quotient), so it is monotone and odd in yq."""
     if APPLY == 2:
         t = yq * s
     elif APPLY == 1 or FAST or UE8M0:
@@ -490,7 +554,40 @@ def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.const
         t = _div_exact_nonneg(yq, s, rs)
     else:
         t = _div_exact(yq, s, rs)
-    if INT8 and not INTERP and CLO == _INT8_LO and CHI == _INT8_HI:
+    return t
+
+
+# a row whose scaled amax is below this rounds into [-127, 127], inside the clamp of every int8
+# spec `_int8_rows_in_range` takes
+_INT8_INRANGE = tl.constexpr(127.5)
+
+
+@triton.jit
+def _int8_rows_in_range(am, s, rs, APPLY: tl.constexpr, CLO: tl.constexpr, CHI: tl.constexpr,
+                        FAST: tl.constexpr, DIV: tl.constexpr):
+    """True (a scalar) where every element of the program's rows quantizes to int8 without the
+    clamp and none is NaN: the scaled row amax is below 127.5 and the clamp holds [-127, 127].
+    Exact mode (the values quantized are those the amax was taken of): |t| <= t(amax), as
+    `_apply_scale` is monotone and odd; a NaN or inf amax fails the test."""
+    if CLO <= -127.0 and CHI >= 127.0 and not FAST:
+        tmax = _apply_scale(am, s, rs, APPLY, False, FAST, DIV)
+        ok = tl.min((tmax < _INT8_INRANGE).to(tl.int32), 0) == 1
+    else:
+        ok = False
+    return ok
+
+
+@triton.jit
+def _quant_store(yq, s, rs, q_ptr, qrow, rmask, c, H: tl.constexpr, CH: tl.constexpr, CG: tl.constexpr,
+                 GS: tl.constexpr, APPLY: tl.constexpr, UE8M0: tl.constexpr, INT8: tl.constexpr,
+                 CLO: tl.constexpr, CHI: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+                 INTERP: tl.constexpr, DIV: tl.constexpr = DIV_ANY, IN_RANGE: tl.constexpr = False):
+    """Quantize chunk c (scale s, its reciprocal rs) and store it; DIV picks the exact division.
+    IN_RANGE (int8): `_int8_rows_in_range` holds for the rows, so no clamp and no NaN."""
+    t = _apply_scale(yq, s, rs, APPLY, UE8M0, FAST, DIV)
+    if INT8 and IN_RANGE:
+        qv = _to_s8_rint_inrange(t, INTERP)
+    elif INT8 and not INTERP and CLO == _INT8_LO and CHI == _INT8_HI:
         # rint, the clamp to exactly the int8 range and the conversion are one saturating
         # conversion (NaN -> 0, as the conversion after a NaN-propagating clamp gives):
         # ~4 instructions per element fewer (SASS, sm_90)
@@ -576,8 +673,15 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
         s3 = _scale_from_amax(a[:, :, None], SMD, HAS_UB, UB, HAS_FLOOR, FLOOR_AMAX, FLOOR, CONST_DIV, SCONST, RCONST,
                               UE8M0, INTERP)
     rs3 = tl.div_rn(_c32(1.0), s3)
-    _quant_store(yq, s3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED, INTERP,
-                 DIV)
+    if DIV == DIV_FINITE and APPLY == 0 and not FAST and not UE8M0:
+        # two operations per element fewer than DIV_NONNEG; one select per group instead
+        # (`_finite_group_division` says why it is the same quotient)
+        b3 = tl.where(s3 == float("inf"), 0.0, s3)
+        _quant_store(yq, b3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED,
+                     INTERP, DIV_OK)
+    else:
+        _quant_store(yq, s3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED,
+                     INTERP, DIV)
     if ST_HERE:
         if not KEEP:
             gidx = c * CG + tl.arange(0, CG)[None, :]  # [1, CG]

@@ -102,6 +102,34 @@ _NEGATIVE_SCALES = {
 }
 
 
+# the quantization's short forms next to their general ones (`_check_scale_edges`): groups
+# whose amax is inf beside finite groups, which the per-group division without a select
+# (DIV_FINITE) divides by 0 in place of the inf scale; int8 rows past the clamp (a scale
+# constant above 127) or with inf and NaN, which take the saturating conversion, beside rows
+# that take the in-range one
+_EDGE_SCALE_SPECS = {
+    "g128-inf_groups": NormQuantSpec(NormSpec(eps=1e-6), _q("g128")),
+    "g64_col-inf_groups": NormQuantSpec(NormSpec(eps=1e-6, residual="input_dtype"), _q("g64", col_major=True)),
+    "g128_amaxfloor-inf_groups": NormQuantSpec(NormSpec(eps=1e-6), _q("g128", floor=1e-8, floor_on="amax")),
+    "int8_div-saturating": NormQuantSpec(NormSpec(eps=1e-6), _q("int8_div", scale_const=254.0)),
+    "int8-special_rows": NormQuantSpec(NormSpec(eps=1e-6), _q("int8")),
+}
+
+
+def _check_scale_edges(launch, spec, shape, device):
+    """Group specs: an inf, a -inf and a huge weight (y overflows to inf in its group, the
+    row's other groups stay finite). int8 specs: an inf row and a NaN row among grid rows."""
+    x, w, r, s = grid_inputs(spec, shape, device=device)
+    if spec.quant.kind == "fp8_per_group":
+        w[3] = float("inf")
+        w[70] = float("-inf")
+        w[200] = 3e38
+    else:
+        x[3, 5] = float("inf")
+        x[4, 100] = float("nan")
+    return mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
+
+
 def _check_negative_scale(launch, spec, shape, device):
     x, w, r, s = grid_inputs(spec, shape, device=device)
     if s is not None:

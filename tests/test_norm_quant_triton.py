@@ -29,17 +29,34 @@ import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
 from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
-                                                         _exp2_int, _ue8m0_f32, _ue8m0_f32_normal)
+                                                         _exp2_int, _to_s8_rint_inrange, _ue8m0_f32,
+                                                         _ue8m0_f32_normal)
 
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec
 
 from norm_quant_kernel_helpers import (  # tests/, on sys.path by tests/conftest.py
-    _CORE, _NEGATIVE_SCALES, BF16, _check_negative_scale, _q, grid_inputs, mismatches, reference_cr, spec_matrix,
+    _CORE, _EDGE_SCALE_SPECS, _NEGATIVE_SCALES, BF16, _check_scale_edges, _check_negative_scale, _q, grid_inputs,
+    mismatches, reference_cr, spec_matrix,
 )
 
 
 # ------------------------------------------------------------ interpreter
 _INTERP_SHAPES = ((5, 256), (3, 320), (9, 64), (2, 4, 128))
+
+
+def _elementwise(kernel, ins, out_dtypes, piece=8192):
+    """Runs an elementwise probe kernel(*ins, *outs, N, BLOCK) as one program per piece of
+    `piece` lanes (the interpreter's cost grows with the block) and returns the outputs."""
+    n = ins[0].numel()
+    res = [torch.empty(n, dtype=dt) for dt in out_dtypes]
+    for i in range(0, n, piece):
+        sl = slice(i, i + piece)
+        cin = [t[sl].contiguous() for t in ins]
+        cout = [torch.empty(cin[0].numel(), dtype=dt) for dt in out_dtypes]
+        kernel[(1,)](*cin, *cout, cin[0].numel(), BLOCK=piece)
+        for r, c in zip(res, cout):
+            r[sl] = c
+    return res
 
 
 def _interp_worker() -> dict:
@@ -120,6 +137,14 @@ def _interp_worker() -> dict:
         if errs:
             failures[f"negative:{name}"] = errs
 
+    # groups whose amax is inf beside finite groups (DIV_FINITE's substituted divisor); int8
+    # rows past the clamp and with inf (the saturating conversion) beside in-range rows
+    for name, spec in _EDGE_SCALE_SPECS.items():
+        errs = _check_scale_edges(launch, spec, (9, 256), "cpu")
+        count += 1
+        if errs:
+            failures[f"scale_edges:{name}"] = errs
+
     # the short exact division against the general one and against f64 division rounded to
     # f32 (correctly rounded: 53 >= 2 * 24 + 2 bits), on every pair _div_ok accepts
     @triton.jit
@@ -148,15 +173,7 @@ def _interp_worker() -> dict:
     ea, eb = torch.meshgrid(edge, edge, indexing="ij")
     a = torch.cat([a, aq, ea.flatten()]).contiguous()
     b = torch.cat([b, amax / 448.0, eb.flatten()]).contiguous()
-    ok = torch.empty(a.numel(), dtype=torch.int8)
-    q, q_ref, q_nn = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
-    for i in range(0, a.numel(), 8192):
-        sl = slice(i, i + 8192)
-        ca, cb = a[sl].contiguous(), b[sl].contiguous()
-        co, cq, cr, cn = (torch.empty(ca.numel(), dtype=torch.int8), torch.empty_like(ca), torch.empty_like(ca),
-                          torch.empty_like(ca))
-        _div[(1,)](ca, cb, co, cq, cr, cn, ca.numel(), BLOCK=8192)
-        ok[sl], q[sl], q_ref[sl], q_nn[sl] = co, cq, cr, cn
+    ok, q, q_ref, q_nn = _elementwise(_div, [a, b], [torch.int8] + [torch.float32] * 3)
     okb = ok.bool()
     cr_div = (a.double() / b.double()).float()
     bits = lambda t: t.view(torch.int32)  # noqa: E731
@@ -173,6 +190,51 @@ def _interp_worker() -> dict:
            # an inf or NaN dividend or divisor, a zero or subnormal divisor
            "ok_rejects_specials": bool(not okb[-edge.numel() ** 2:][~(ea.flatten().isfinite() & eb.flatten().isfinite()
                                                                        & (eb.flatten().abs() >= 2.0 ** -125))].any())}
+
+    # DIV_FINITE: the 3-op division by a group scale (an inf scale replaced by 0) against
+    # `_div_exact_nonneg`, for scales as a floored spec makes them: s = max(RN(amax / 448),
+    # floor) (also one bf16-sized step lower, as bf16 scale math may round), |a| <= amax, amax
+    # over every exponent; amax = inf (s = inf, any a) and NaN
+    @triton.jit
+    def _divf(a_ptr, s_ptr, f_ptr, n_ptr, N, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < N
+        a = tl.load(a_ptr + o, mask=m, other=1.0)
+        sc = tl.load(s_ptr + o, mask=m, other=1.0)
+        rs = tl.div_rn(_c32(1.0), sc)
+        tl.store(f_ptr + o, _div_exact_ok(a, tl.where(sc == float("inf"), 0.0, sc), rs), mask=m)
+        tl.store(n_ptr + o, _div_exact_nonneg(a, sc, rs), mask=m)
+
+    n = 40000
+    amax = torch.exp2(torch.randint(-149, 128, (n,), generator=g).float()) * (1 + torch.rand(n, generator=g))
+    amax = torch.where(amax.isfinite(), amax, torch.tensor(3.4e38))
+    floor = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(1e-10), torch.tensor(2.0 ** -124))
+    sf = torch.maximum(amax / 448.0, floor)
+    sf = torch.where(torch.rand(n, generator=g) < 0.3, torch.maximum(sf * (1 - 2.0 ** -8), floor), sf)
+    frac = torch.rand(n, generator=g) * 2 - 1
+    frac[:500], frac[500:1000], frac[1000:1500], frac[1500:2000] = 1.0, -1.0, 0.0, -0.0
+    af = frac * amax
+    big = torch.tensor([0.0, -0.0, 1.0, -3.0, 1e-45, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")])
+    a = torch.cat([af, big, torch.tensor([1.0, -2.0, float("nan")])]).contiguous()
+    sc = torch.cat([sf, torch.full_like(big, float("inf")), torch.full((3,), float("nan"))]).contiguous()
+    qf, qn = _elementwise(_divf, [a, sc], [torch.float32, torch.float32])
+    bits = lambda t: t.view(torch.int32)  # noqa: E731
+    div_finite = {"pairs": int(a.numel()), "mismatch": int((bits(qf) != bits(qn)).sum())}
+
+    # the in-range int8 conversion (the interpreter's integer form; the GPU's asm is checked
+    # on every f32 of its range by the GPU tests): ties, their neighbours, random values
+    @triton.jit
+    def _s8(x_ptr, o_ptr, N, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(o_ptr + o, _to_s8_rint_inrange(tl.load(x_ptr + o, mask=m, other=0.0), True), mask=m)
+
+    ties = torch.arange(-127, 127, dtype=torch.float32) + 0.5
+    vals = torch.cat([ties, torch.nextafter(ties, torch.tensor(200.0)), torch.nextafter(ties, torch.tensor(-200.0)),
+                      torch.arange(-127, 128, dtype=torch.float32), (torch.rand(20000, generator=g) * 2 - 1) * 127.49,
+                      torch.tensor([0.0, -0.0, 1e-45, -1e-45, 127.49999, -127.49999])]).contiguous()
+    got8, = _elementwise(_s8, [vals], [torch.int8])
+    s8_inrange = {"n": int(vals.numel()), "mismatch": int((got8 != torch.round(vals).to(torch.int8)).sum())}
 
     # what the interpreter itself does with f32 -> bf16 / fp8 (why the kernel emulates them)
     @triton.jit
@@ -226,16 +288,7 @@ def _interp_worker() -> dict:
                       torch.tensor([0, 0x7F800000, 0x7FC00000])])
     sv = bits.to(torch.int32).view(torch.float32).contiguous()
 
-    def elementwise(kernel, vals):  # one program of 8192 lanes per piece
-        res = torch.empty_like(vals)
-        for i in range(0, vals.numel(), 8192):
-            chunk = vals[i:i + 8192].contiguous()
-            out = torch.empty_like(chunk)
-            kernel[(1,)](chunk, out, chunk.numel(), BLOCK=8192)
-            res[i:i + 8192] = out
-        return res
-
-    got = elementwise(_ue8m0, sv)
+    got, = _elementwise(_ue8m0, [sv], [torch.float32])
     want = torch.exp2(torch.ceil(torch.log2(sv.double()).float()).double()).float()
     ue_bad = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
     # its short form on the same values, where they are normal, inf or NaN (a floored scale)
@@ -247,9 +300,10 @@ def _interp_worker() -> dict:
 
     normal = bits >= 0x00800000
     sn, wn = sv[normal].contiguous(), want[normal]
-    gn = elementwise(_ue8m0_normal, sn)
+    gn, = _elementwise(_ue8m0_normal, [sn], [torch.float32])
     ue_normal_bad = int((~((gn == wn) | (gn.isnan() & wn.isnan()))).sum())
     return {"cases": count, "failures": failures, "raw_conversion": raw, "exp2_int_mismatch": pow2_bad, "div": div,
+            "div_finite": div_finite, "s8_inrange": s8_inrange,
             "ue8m0_mismatch": ue_bad, "ue8m0_cases": sv.numel(), "ue8m0_normal_mismatch": ue_normal_bad,
             "ue8m0_normal_cases": sn.numel()}
 
@@ -286,6 +340,20 @@ def test_interpreter_short_exact_division(interp_result):
     assert div["ok_rejects_specials"], div
 
 
+def test_interpreter_group_division_without_select(interp_result):
+    """DIV_FINITE (`_finite_group_division`): for the scales a floored spec gives and every
+    |a| <= amax, and for inf and NaN scales (the divisor 0 in place of inf), the 3-op
+    division is bitwise `_div_exact_nonneg`."""
+    d = interp_result["div_finite"]
+    assert d["pairs"] > 40000 and d["mismatch"] == 0, d
+
+
+def test_interpreter_int8_in_range_conversion(interp_result):
+    """`_to_s8_rint_inrange` rounds half to even on ties, their neighbours and random values."""
+    d = interp_result["s8_inrange"]
+    assert d["n"] > 20000 and d["mismatch"] == 0, d
+
+
 def test_interpreter_exp2_of_integers_is_exact(interp_result):
     assert interp_result["exp2_int_mismatch"] == 0
 
@@ -308,10 +376,21 @@ def test_interpreter_raw_conversions_are_not_rne(interp_result):
 
 
 def test_scale_division_only_where_no_scale_can_be_negative():
-    """`_div_exact_nonneg` (DIV_NONNEG) is chosen only for specs whose scales cannot be negative."""
-    from fusewright.lowering.norm_quant_triton_math import DIV_ANY, DIV_NONNEG, scale_division
+    """`_div_exact_nonneg` (DIV_NONNEG) is chosen only for specs whose scales cannot be negative;
+    its per-group short form (DIV_FINITE) only where a floor keeps them normal and no amax
+    bound lets the quotients grow past the scale constant."""
+    from fusewright.lowering.norm_quant_triton_math import DIV_ANY, DIV_FINITE, DIV_NONNEG, scale_division
 
-    nonneg = [_q("token"), _q("token_div"), _q("g128"), _q("int8_div"),
+    finite = [_q("g128"), _q("g64", col_major=True), _q("g128", floor=2.0 ** -124),
+              _q("g128", floor=1e-8, floor_on="amax"), _q("g128", scale_math_dtype=torch.bfloat16),
+              _q("g128", scale_math_dtype=torch.float64)]
+    nonneg = [_q("token"), _q("token_div"), _q("int8_div"),
+              _q("g128", ue8m0=True),  # ue8m0 scales multiply: no division to shorten
+              _q("g128", floor=2.0 ** -126),  # RN(1/s) could be inf for a subnormal ...
+              _q("g128", floor=1e-40, floor_on="amax"),  # ... or a floor / constant below 2^-124
+              _q("g128", amax_ub=1200.0),  # quotients up to amax / (bound / 448)
+              _q("g128", scale_const=2.0 ** 70),  # quotients near the constant, too close to overflow
+              _q("g128", apply="mul_recip"),
               _q("token_div", scale_const=-448.0, floor=1e-10),  # the floor on the scale restores the sign
               _q("token_div", amax_ub=-1.0, floor=0.0, floor_on="amax"),  # ... or on the amax
               _q("token_div", amax_ub=1200.0)]
@@ -319,6 +398,7 @@ def test_scale_division_only_where_no_scale_can_be_negative():
                _q("token_div", scale_const=-448.0), _q("token_div", scale_const=-0.0),
                _q("g128", scale_const=-448.0, floor=None), _q("token_div", amax_ub=-1.0),
                _q("token_div", scale_const=-448.0, floor=-1.0)]
+    assert [scale_division(q) for q in finite] == [int(DIV_FINITE)] * len(finite)
     assert [scale_division(q) for q in nonneg] == [int(DIV_NONNEG)] * len(nonneg)
     assert [scale_division(q) for q in anysign] == [int(DIV_ANY)] * len(anysign)
 

@@ -14,7 +14,8 @@ from fusewright.lowering.norm_quant_reference import reference
 from fusewright.lowering.norm_quant_spec import NormQuantSpec, NormSpec
 
 from norm_quant_kernel_helpers import (  # tests/, on sys.path by tests/conftest.py
-    _CORE, _NEGATIVE_SCALES, BF16, _check_negative_scale, _q, grid_inputs, mismatches, reference_cr, spec_matrix,
+    _CORE, _EDGE_SCALE_SPECS, _NEGATIVE_SCALES, BF16, _check_scale_edges, _check_negative_scale, _q, grid_inputs,
+    mismatches, reference_cr, spec_matrix,
 )
 
 
@@ -64,6 +65,45 @@ def test_gpu_special_values(name, spec):
     x[6] = 16384.0  # large but a power of two: the row's sum of squares stays exact
     errs = mismatches(launch(spec, x, w, r, s), reference_cr(spec, x, w, r, s))
     assert not errs, errs
+
+
+@gpu
+@pytest.mark.parametrize("name,spec", _EDGE_SCALE_SPECS.items(), ids=list(_EDGE_SCALE_SPECS))
+def test_gpu_infinite_group_scales_and_saturating_int8(name, spec):
+    """Groups whose amax is inf next to finite ones (an inf and a huge weight): the per-group
+    division without a select divides them by 0 instead of inf (`_finite_group_division`);
+    int8 rows past the clamp take the saturating conversion, the others the in-range one."""
+    errs = _check_scale_edges(_gpu_launch(), spec, (67, 7168), "cuda")
+    assert not errs, errs
+
+
+@gpu
+def test_gpu_int8_in_range_conversion_exhaustive():
+    """`_to_s8_rint_inrange` (add.rn of 1.5 * 2^23, low bytes packed) against torch.round on
+    every f32 of magnitude in [2^-24, 127.5), both signs (5.2e8 values)."""
+    import triton
+    import triton.language as tl
+
+    from fusewright.lowering.norm_quant_triton_math import _to_s8_rint_inrange
+
+    @triton.jit
+    def _cv(x_ptr, o_ptr, N, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = o < N
+        tl.store(o_ptr + o, _to_s8_rint_inrange(tl.load(x_ptr + o, mask=m, other=0.0), False), mask=m)
+
+    lo = torch.tensor(2.0 ** -24).view(torch.int32).item()
+    hi = torch.tensor(127.5).view(torch.int32).item()
+    bad, n = 0, 0
+    for start in range(lo, hi, 1 << 26):
+        b = torch.arange(start, min(hi, start + (1 << 26)), device="cuda", dtype=torch.int32)
+        for sign in (0, -2 ** 31):
+            x = (b + sign).view(torch.float32)
+            out = torch.empty(x.numel(), dtype=torch.int8, device="cuda")
+            _cv[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
+            bad += int((out != torch.round(x).to(torch.int8)).sum())
+            n += x.numel()
+    assert n > 5e8 and bad == 0, (n, bad)
 
 
 @gpu
@@ -141,7 +181,10 @@ _PLANS = ({"PERSIST": 2, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
           # programs of SEQ consecutive rows (column-major group scales stored per program)
           {"SEQ": 8, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4},
           {"SEQ": 16, "ROWS": 1, "CH": 1024, "num_warps": 4},
-          {"SEQ": 4, "PERSIST": 4, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4})
+          {"SEQ": 4, "PERSIST": 4, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4},
+          # the session-13 table's persistent SEQ plans (column-major group scales, 5120-8192)
+          {"SEQ": 8, "PERSIST": 4, "WPRE": 1, "ROWS": 1, "CH": 1024, "num_warps": 4},
+          {"SEQ": 4, "PERSIST": 3, "WPRE": 1, "ROWS": 1, "CH": 2048, "num_warps": 4})
 
 
 @gpu

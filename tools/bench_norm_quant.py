@@ -278,6 +278,11 @@ SWEEP_MID_COL = [
     {"CH": 2048, "num_warps": 4, "PERSIST": "fit", "SEQ": 2, "WPRE": 1},
     {"CH": 2048, "num_warps": 4, "PERSIST": "fit", "SEQ": 4, "WPRE": 1},
     {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "SEQ": 2, "WPRE": 1},
+    # CH 1024 over longer runs: 119-128 registers at H = 5120 and 7168 (4 programs of 4
+    # warps per SM; CH 2048 with SEQ takes 149 at 5120)
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "SEQ": 4, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "SEQ": 8, "WPRE": 1},
+    {"CH": 1024, "num_warps": 4, "PERSIST": "fit", "SEQ": 4},
 ]
 SWEEP_SMALL_H = (4096, 7168)  # the table's lookup takes the nearest measured H
 SWEEP_SMALL = [{"CH": 1024, "num_warps": 4}, {"CH": 1024, "num_warps": 8}, {"CH": 1024, "num_warps": 16},
