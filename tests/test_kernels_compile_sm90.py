@@ -202,6 +202,17 @@ def test_int8_conversions_saturate_in_one_instruction(compiled):
     assert not bad, bad
 
 
+def test_int8_rows_in_range_round_with_an_uncontracted_add(compiled):
+    """The norm-quant int8 kernels (exact mode, int8 range) also have the in-range conversion:
+    rint as RN(t + 1.5 * 2^23) by `add.rn`, the constant used nowhere else (a plain add would
+    be contracted with the multiply by the scale into one fma: one rounding, not two)."""
+    int8 = {k: v for k, v in compiled.items() if k.startswith("nq:int8") and "error" not in v}
+    assert int8
+    bad = {k: (v["rint_add_rn"], v["rint_magic"]) for k, v in int8.items()
+           if not v["rint_add_rn"] or v["rint_add_rn"] != v["rint_magic"]}
+    assert not bad, bad
+
+
 def test_resident_programs_counts_the_scarcest_resource():
     from fusewright.tools.kernel_aot import resident_programs
 

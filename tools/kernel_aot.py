@@ -114,6 +114,10 @@ def resources(compiled) -> dict:
                # kernel uses for the int8 range, and truncating ones (a rint-clamp-convert path)
                cvt_s8_rni_sat=len(re.findall(r"\bcvt\.rni\.sat\.s8\.f32\b", ptx)),
                cvt_rzi_int=len(re.findall(r"\bcvt\.rzi\.[su]\d+\.f32\b", ptx)),
+               # the in-range int8 conversion's rint, RN(t + 1.5 * 2^23): as add.rn (never
+               # contracted into an fma with the scaling before it), and every use of the constant
+               rint_add_rn=len(re.findall(r"\badd\.rn\.f32\s[^;]*0f4B400000", ptx)),
+               rint_magic=len(re.findall(r"0f4B400000", ptx)),
                # layout conversions Triton kept (each a round trip through shared memory
                # between two block barriers) and the block barriers of the PTX
                layout_converts=len(re.findall(r"\bttg\.convert_layout\b", ttgir)),
