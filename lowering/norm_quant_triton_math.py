@@ -519,6 +519,13 @@ def _finite_group_division(quant) -> bool:
     return least >= _FINITE_FLOOR_MIN
 
 
+@triton.jit
+def _finite_divisor(s):
+    """The divisor `_div_exact_ok` takes for a DIV_FINITE group scale s (its reciprocal
+    stays RN(1/s)): s, or 0 where s is inf (`_finite_group_division` says why)."""
+    return tl.where(s == float("inf"), 0.0, s)
+
+
 def scale_division(quant) -> int:
     """How the kernel divides by a dynamic spec's scales (APPLY "div", exact mode): per-group
     scales `_finite_group_division` accepts with `_div_exact_ok` (DIV_FINITE), else with
@@ -675,10 +682,8 @@ def _group_finish(ya, yq, c, rows, rmask, M, q_ptr, qrow, s_ptr, G: tl.constexpr
     rs3 = tl.div_rn(_c32(1.0), s3)
     if DIV == DIV_FINITE and APPLY == 0 and not FAST and not UE8M0:
         # two operations per element fewer than DIV_NONNEG; one select per group instead
-        # (`_finite_group_division` says why it is the same quotient)
-        b3 = tl.where(s3 == float("inf"), 0.0, s3)
-        _quant_store(yq, b3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED,
-                     INTERP, DIV_OK)
+        _quant_store(yq, _finite_divisor(s3), rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO,
+                     CHI, FAST, MASKED, INTERP, DIV_OK)
     else:
         _quant_store(yq, s3, rs3, q_ptr, qrow, rmask, c, H, CH, CG, GS, APPLY, UE8M0, False, CLO, CHI, FAST, MASKED,
                      INTERP, DIV)

@@ -29,8 +29,8 @@ import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
 from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
-                                                         _exp2_int, _to_s8_rint_inrange, _ue8m0_f32,
-                                                         _ue8m0_f32_normal)
+                                                         _exp2_int, _finite_divisor, _to_s8_rint_inrange,
+                                                         _ue8m0_f32, _ue8m0_f32_normal)
 
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec
 
@@ -202,7 +202,7 @@ def _interp_worker() -> dict:
         a = tl.load(a_ptr + o, mask=m, other=1.0)
         sc = tl.load(s_ptr + o, mask=m, other=1.0)
         rs = tl.div_rn(_c32(1.0), sc)
-        tl.store(f_ptr + o, _div_exact_ok(a, tl.where(sc == float("inf"), 0.0, sc), rs), mask=m)
+        tl.store(f_ptr + o, _div_exact_ok(a, _finite_divisor(sc), rs), mask=m)
         tl.store(n_ptr + o, _div_exact_nonneg(a, sc, rs), mask=m)
 
     n = 40000

@@ -69,10 +69,11 @@ def test_gpu_special_values(name, spec):
 
 @gpu
 @pytest.mark.parametrize("name,spec", _EDGE_SCALE_SPECS.items(), ids=list(_EDGE_SCALE_SPECS))
-def test_gpu_infinite_group_scales_and_saturating_int8(name, spec):
+def test_gpu_scale_edges(name, spec):
     """Groups whose amax is inf next to finite ones (an inf and a huge weight): the per-group
     division without a select divides them by 0 instead of inf (`_finite_group_division`);
-    int8 rows past the clamp take the saturating conversion, the others the in-range one."""
+    int8 rows past the clamp or with inf or NaN take the saturating conversion, the others
+    the in-range one."""
     errs = _check_scale_edges(_gpu_launch(), spec, (67, 7168), "cuda")
     assert not errs, errs
 

@@ -268,7 +268,8 @@ SWEEP_MID = SWEEP_LARGE + [
 # scales per chunk are held on top of the prefetched row (127 per thread for CH 2048 with
 # 4 warps at H = 4096, 243 for CH 1024 at 7168; sm_90, triton 3.6), so wider programs too.
 # Session 12: SEQ 8 won at H = 4096 and 8192; SEQ with a pipelined loop lost everywhere, and
-# at 5120 and 7168 the persistent plans won, so persistent programs over short runs too
+# at 5120 and 7168 the persistent plans won, so persistent programs over short runs too.
+# Session 13: persistent runs of 8 rows (CH 1024) won 5120, runs of 4 (CH 2048) 7168 and 8192
 SWEEP_MID_COL = [
     {"CH": 2048, "num_warps": 4, "SEQ": 8, "WPRE": 1}, {"CH": 2048, "num_warps": 4, "SEQ": 4, "WPRE": 1},
     {"CH": 2048, "num_warps": 8, "SEQ": 8, "WPRE": 1}, {"CH": 4096, "num_warps": 8, "SEQ": 8},
