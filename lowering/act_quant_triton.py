@@ -12,7 +12,8 @@ registers: one read of each input and one write of q, where Inductor's two-loop
 reduction reads the inputs (and recomputes the activation) twice. The exact-arithmetic pieces - conversions that
 round as torch does (also under the interpreter), NaN-propagating max, the scale
 pipeline, division by the scale, the per-group finish - are the RMSNorm -> quant
-kernel's (`norm_quant_triton_math`), so both ops quantize bitwise alike.
+kernel's (`norm_quant_triton_math`, `norm_quant_triton_division`), so both ops quantize
+bitwise alike.
 
 silu is ``x / (1 + exp(-x))`` in f32 with libdevice's expf (the function eager CUDA
 calls). The division is IEEE (``div_rn``) where silu stays in f32, and Triton's
@@ -47,9 +48,9 @@ except ImportError:  # pragma: no cover - older layouts
 from .act_quant_reference import check_inputs
 from .act_quant_spec import ActQuantSpec
 from .norm_quant_plan import _APPLY_CODE, _DT_CODE, _KIND_CODE
+from .norm_quant_triton_division import DIV_OK, _div_ok, scale_division
 from .norm_quant_triton_math import (
-    DIV_OK, _c32, _cvt_out, _div_ok, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
-    scale_division,
+    _c32, _cvt_out, _group_finish, _ld, _max_nan, _quant_store, _rnd, _scale_from_amax, _up,
 )
 
 MAX_WIDTH = 32768  # wider rows would spill registers: declined by `supports`

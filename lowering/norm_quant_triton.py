@@ -49,9 +49,10 @@ from .norm_quant_plan import (  # noqa: F401  (plan, supports, the tuning table:
     _APPLY_CODE, _DT_CODE, _INV_CODE, _KIND_CODE, _RES_CODE, _W_CODE, ENV_TUNING, TUNING_PATH,
     LARGE_M, SMALL_M, _tuning_table, plan, size_class, supports, tuning_key,
 )
+from .norm_quant_triton_division import DIV_ANY, DIV_NONNEG, DIV_OK, _div_exact, _div_ok, scale_division
 from .norm_quant_triton_math import (
-    DIV_ANY, DIV_NONNEG, DIV_OK, _c32, _cvt_out, _div_exact, _div_ok, _finish_h, _group_finish, _int8_rows_in_range,
-    _max_nan, _normalize, _quant_store, _scale_from_amax, _store_scales, _store_y, _up, scale_division,
+    _c32, _cvt_out, _finish_h, _group_finish, _int8_rows_in_range, _max_nan, _normalize, _quant_store,
+    _scale_from_amax, _store_scales, _store_y, _up,
 )
 from .norm_quant_triton_rows import _keep_scales, _ld_rows, _pre_ws, _store_scale_blocks
 

@@ -28,9 +28,9 @@ import pytest
 import torch
 
 # a global: the jit probe in the interpreter worker resolves it from this module's globals
-from fusewright.lowering.norm_quant_triton_math import (_c32, _div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
-                                                         _exp2_int, _finite_divisor, _to_s8_rint_inrange,
-                                                         _ue8m0_f32, _ue8m0_f32_normal)
+from fusewright.lowering.norm_quant_triton_division import (_div_exact, _div_exact_nonneg, _div_exact_ok, _div_ok,
+                                                             _finite_divisor)
+from fusewright.lowering.norm_quant_triton_math import _c32, _exp2_int, _to_s8_rint_inrange, _ue8m0_f32, _ue8m0_f32_normal
 
 from fusewright.lowering.norm_quant_spec import FP8, NormQuantSpec, NormSpec
 
@@ -379,7 +379,7 @@ def test_scale_division_only_where_no_scale_can_be_negative():
     """`_div_exact_nonneg` (DIV_NONNEG) is chosen only for specs whose scales cannot be negative;
     its per-group short form (DIV_FINITE) only where a floor keeps them normal and no amax
     bound lets the quotients grow past the scale constant."""
-    from fusewright.lowering.norm_quant_triton_math import DIV_ANY, DIV_FINITE, DIV_NONNEG, scale_division
+    from fusewright.lowering.norm_quant_triton_division import DIV_ANY, DIV_FINITE, DIV_NONNEG, scale_division
 
     finite = [_q("g128"), _q("g64", col_major=True), _q("g128", floor=2.0 ** -124),
               _q("g128", floor=1e-8, floor_on="amax"), _q("g128", scale_math_dtype=torch.bfloat16),
